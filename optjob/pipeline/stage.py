@@ -1,0 +1,133 @@
+"""The one interface every optimization technique implements.
+
+A technique has two halves that run at different times:
+
+* ``plan`` runs at Create (and again in the worker), touches no model and no network, and turns
+  one ``OptimizationConfig`` element plus the layered environment and the target's capabilities
+  into a ``PlannedStage``: resolved parameters, what the stage needs, and warnings. Bad input
+  raises ``PlanError`` and becomes a ``ValidationException`` before any work starts.
+* ``run`` executes a ``PlannedStage`` in a worker: it reads ``ctx.input_dir`` (a local model
+  directory), writes a complete model directory to ``ctx.output_dir``, reports progress through
+  ``ctx.events`` and checks ``ctx.cancel`` between units of work.
+
+Adding a technique is adding a module under ``optjob/techniques`` that subclasses ``Technique``
+and decorates it with ``register``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from optjob.pipeline.cancel import CancelToken
+from optjob.pipeline.events import NULL_SINK, EventSink
+from optjob.targets.catalog import InstanceSpec
+
+
+class PlanError(ValueError):
+    """A request that cannot be planned; the message names the field and the fix."""
+
+
+class StageNeeds(BaseModel):
+    """What a stage declares it needs; the planner and the worker check these against the host."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    accelerator: bool = Field(False, description="needs a GPU/Neuron device on the worker host")
+    toolchain: str | None = Field(None, description="external tool it drives, e.g. tensorrt_llm")
+    calibration_data: bool = False
+    whole_model_in_memory: bool = Field(True, description="False for shard-by-shard streaming stages")
+
+
+class PlannedStage(BaseModel):
+    """One resolved step of a Plan: immutable, JSON-serializable, saved beside the artifacts."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    technique: str = Field(description="the OptimizationConfig member, e.g. ModelQuantizationConfig")
+    optimization_type: str = Field(description="the name List reports, e.g. Quantization")
+    engine: str = Field(description="what does the work, e.g. llmcompressor")
+    params: dict[str, Any] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict, description="layered OPTION_* environment")
+    image: str | None = Field(None, description="explicit Image from the request, if any")
+    image_framework: str | None = Field(None, description="configs/images.yaml framework key")
+    needs: StageNeeds = Field(default_factory=StageNeeds)
+    warnings: tuple[str, ...] = ()
+    serving_properties: dict[str, str] = Field(default_factory=dict)
+
+
+@dataclass
+class StageContext:
+    """Everything a running stage may touch; nothing else is reachable from a stage."""
+
+    job_name: str
+    input_dir: Path
+    output_dir: Path
+    work_dir: Path
+    target: InstanceSpec
+    env: Mapping[str, str] = field(default_factory=dict)
+    events: EventSink = NULL_SINK
+    cancel: CancelToken = field(default_factory=CancelToken)
+    storage: Any = None  # optjob.storage client for stage inputs such as calibration data
+
+
+@dataclass
+class StageResult:
+    """What a stage reports back: figures for the manifest and warnings for Describe."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    serving_properties: dict[str, str] = field(default_factory=dict)
+
+
+class Technique(ABC):
+    """Base of every technique plug-in (quantization, compilation, sharding, speculative)."""
+
+    config_member: ClassVar[str]
+    optimization_type: ClassVar[str]
+
+    @abstractmethod
+    def plan(
+        self,
+        config: BaseModel,
+        env: Mapping[str, str],
+        target: InstanceSpec,
+        *,
+        path: str,
+    ) -> PlannedStage:
+        """Resolve and check one config element; ``path`` is its camelCase request path."""
+
+    @abstractmethod
+    def run(self, stage: PlannedStage, ctx: StageContext) -> StageResult:
+        """Turn ``ctx.input_dir`` into a complete model directory at ``ctx.output_dir``."""
+
+
+_REGISTRY: dict[str, type[Technique]] = {}
+
+
+def register(cls: type[Technique]) -> type[Technique]:
+    _REGISTRY[cls.config_member] = cls
+    return cls
+
+
+def technique_for(config_member: str) -> Technique:
+    """The plug-in for one OptimizationConfig member, imported on first use."""
+    from optjob import techniques
+
+    techniques.load_all()
+    try:
+        return _REGISTRY[config_member]()
+    except KeyError:
+        raise PlanError(f"{config_member} is not supported by this optjob build") from None
+
+
+def registered() -> dict[str, type[Technique]]:
+    from optjob import techniques
+
+    techniques.load_all()
+    return dict(_REGISTRY)
