@@ -1,0 +1,95 @@
+"""``optjob validate``: check a CreateOptimizationJob request without running anything."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+
+from optjob.api.errors import ApiError, parse
+from optjob.api.shapes import CreateOptimizationJobRequest
+from optjob.cli import app
+from optjob.pipeline.plan import build_plan
+from optjob.settings import load_settings
+
+EXIT_VALID, EXIT_INVALID, EXIT_UNREADABLE = 0, 1, 2
+
+
+class UnreadableSpec(Exception):
+    """The file could not be read or is neither JSON nor YAML."""
+
+
+def read_spec(source: str) -> dict[str, Any]:
+    """A request from a JSON or YAML file, or ``-`` for stdin; ``file://`` prefixes are accepted."""
+    if source.startswith("file://"):
+        source = source[len("file://") :]
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UnreadableSpec(f"cannot read {source}: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as json_error:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise UnreadableSpec(f"{source} is neither valid JSON ({json_error}) nor YAML") from None
+    if not isinstance(data, dict):
+        raise UnreadableSpec(f"{source} must hold a JSON/YAML object (the request), not {type(data).__name__}")
+    return data
+
+
+def print_api_error(console: Console, exc: ApiError) -> None:
+    """The error code, then each violation on its own line (the API joins them with '; ')."""
+    console.print(f"invalid: {exc.code}", markup=False, highlight=False, style="red")
+    header, _, rest = exc.message.partition(": ") if exc.message[:1].isdigit() else ("", "", exc.message)
+    if header:
+        console.print(header + ":", markup=False, highlight=False)
+    for item in rest.split("; "):
+        console.print(f"  - {item}", markup=False, highlight=False, soft_wrap=True)
+
+
+def load_request(source: str) -> CreateOptimizationJobRequest:
+    return parse(CreateOptimizationJobRequest, read_spec(source))
+
+
+@app.command()
+def validate(
+    spec: Annotated[
+        str,
+        typer.Argument(
+            help="CreateOptimizationJob request as JSON (what `aws sagemaker create-optimization-job "
+            "--cli-input-json` takes) or YAML; `-` reads stdin.",
+        ),
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the resolved plan as JSON.")] = False,
+) -> None:
+    """Check a request against the API contract, the target instance and the technique rules.
+
+    Prints `valid` and the plan (target accelerator, techniques in order, recommended image), or
+    every validation error in SageMaker's format. Exit status: 0 valid, 1 invalid, 2 unreadable.
+
+    Example: optjob validate configs/examples/fp8-g6-12xlarge.json
+    """
+    out = Console()
+    err = Console(stderr=True)
+    try:
+        request = load_request(spec)
+        plan = build_plan(request, region=load_settings().region)
+    except UnreadableSpec as exc:
+        err.print(f"unreadable: {exc}", markup=False, highlight=False, style="red")
+        raise typer.Exit(EXIT_UNREADABLE) from None
+    except ApiError as exc:
+        print_api_error(err, exc)
+        raise typer.Exit(EXIT_INVALID) from None
+    if as_json:
+        print(plan.model_dump_json(indent=2))
+        return
+    out.print("valid", style="green", markup=False)
+    for line in plan.summary_lines():
+        out.print("  " + line, markup=False, highlight=False, soft_wrap=True)

@@ -1,0 +1,93 @@
+"""Executes a Plan: fetch the source, run each stage, verify, publish. One way, top to bottom.
+
+Every stage writes a fresh directory; the next stage reads it. Nothing reaches the output
+location until the last stage has produced a verified model, and the manifest is written last,
+so a failed or stopped job never leaves something that looks finished. Cancellation is checked
+between units of work; on any exit the job's scratch directory is removed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from optjob.pipeline.cancel import CancelToken
+from optjob.pipeline.events import NULL_SINK, EventSink
+from optjob.pipeline.plan import Plan
+from optjob.pipeline.stage import StageContext, technique_for
+
+# A deliberately slow first step for lifecycle tests and demos of Stop/timeout: the job sleeps this
+# many seconds (checking for cancellation) before fetching. Never set in production.
+DEBUG_DELAY_ENV = "OPTJOB_DEBUG_DELAY_SECONDS"
+
+
+@dataclass
+class RunOutcome:
+    recommended_image: str | None
+    warnings: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    published: list[str] = field(default_factory=list)
+
+
+def debug_delay(events: EventSink, cancel: CancelToken) -> None:
+    seconds = float(os.environ.get(DEBUG_DELAY_ENV, "0") or 0)
+    if seconds <= 0:
+        return
+    started = time.monotonic()
+    while (elapsed := time.monotonic() - started) < seconds:
+        events("debug-delay", "sleeping", elapsed / seconds, f"{DEBUG_DELAY_ENV}={seconds:g}")
+        if cancel.wait(min(0.5, seconds - elapsed)):
+            break
+    cancel.raise_if_cancelled()
+
+
+def run_stages(plan: Plan, model_dir: Path, work_dir: Path, *, events: EventSink, cancel: CancelToken,
+               storage: Any = None) -> tuple[Path, RunOutcome]:
+    """Run every planned stage over a local model directory; returns the final directory."""
+    outcome = RunOutcome(recommended_image=plan.recommended_image, warnings=list(plan.all_warnings))
+    current = model_dir
+    for index, stage in enumerate(plan.stages, 1):
+        cancel.raise_if_cancelled()
+        out_dir = work_dir / f"stage-{index}-{stage.optimization_type.lower()}"
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True)
+        events(stage.optimization_type, "start", 0.0, f"stage {index}/{len(plan.stages)} via {stage.engine}")
+        ctx = StageContext(
+            job_name=plan.job_name,
+            input_dir=current,
+            output_dir=out_dir,
+            work_dir=work_dir,
+            target=plan.target,
+            env=stage.env,
+            events=events,
+            cancel=cancel,
+            storage=storage,
+        )
+        result = technique_for(stage.technique).run(stage, ctx)
+        outcome.metrics[f"{index}:{stage.optimization_type}"] = result.metrics
+        outcome.warnings.extend(w for w in result.warnings if w not in outcome.warnings)
+        events(stage.optimization_type, "done", 1.0, f"stage {index}/{len(plan.stages)} finished")
+        current = out_dir
+    return current, outcome
+
+
+def run_plan(plan: Plan, *, work_dir: Path, events: EventSink = NULL_SINK,
+             cancel: CancelToken | None = None) -> RunOutcome:
+    """The whole job in this process. Raises JobFailed subclasses or JobCancelled."""
+    cancel = cancel or CancelToken()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        debug_delay(events, cancel)
+        from optjob.pipeline.transfer import fetch_source, publish_output
+
+        source_dir = fetch_source(plan, work_dir, events=events, cancel=cancel)
+        final_dir, outcome = run_stages(plan, source_dir, work_dir, events=events, cancel=cancel)
+        outcome.published = publish_output(plan, final_dir, outcome, events=events, cancel=cancel)
+        return outcome
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
