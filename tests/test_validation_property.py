@@ -55,7 +55,9 @@ def valid_value(draw: st.DrawFn, shape_name: str, depth: int = 0) -> Any:
         return draw(st.lists(valid_value(s["member"]["shape"], depth + 1), min_size=lo, max_size=max(lo, hi)))
     if kind == "map":
         keys = st.from_regex(r"OPTION_[A-Z_]{1,20}", fullmatch=True)
-        return draw(st.dictionaries(keys, _string(shape(s["value"]["shape"])), max_size=min(s.get("max", 3), 3)))
+        return draw(
+            st.dictionaries(keys, _string(shape(s["value"]["shape"])), max_size=min(s.get("max", 3), 3))
+        )
     if kind == "string":
         return draw(_string(s))
     if kind == "integer":
@@ -156,7 +158,9 @@ PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 @pytest.mark.parametrize(("operation", "model", "shape_name"), INPUTS, ids=[i[0] for i in INPUTS])
 @PROPERTY
 @given(data=st.data())
-def test_generated_valid_requests_are_accepted(operation: str, model: type, shape_name: str, data: st.DataObject) -> None:
+def test_generated_valid_requests_are_accepted(
+    operation: str, model: type, shape_name: str, data: st.DataObject
+) -> None:
     value = data.draw(valid_value(shape_name))
     assert oracle_valid(shape_name, value), "generator produced an invalid value"
     assert _ours_accepts(model, value), f"{operation} rejected a valid request: {value}"

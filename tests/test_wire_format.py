@@ -28,15 +28,23 @@ CREATE = {
     "OptimizationEnvironment": {"OPTION_TENSOR_PARALLEL_DEGREE": "4"},
     "OptimizationConfigs": [
         {"ModelQuantizationConfig": {"Image": "img:1", "OverrideEnvironment": {"OPTION_QUANTIZE": "fp8"}}},
-        {"ModelSpeculativeDecodingConfig": {
-            "Technique": "EAGLE",
-            "TrainingDataSource": {"S3Uri": "s3://bucket/data/", "S3DataType": "ManifestFile"},
-        }},
+        {
+            "ModelSpeculativeDecodingConfig": {
+                "Technique": "EAGLE",
+                "TrainingDataSource": {"S3Uri": "s3://bucket/data/", "S3DataType": "ManifestFile"},
+            }
+        },
     ],
-    "OutputConfig": {"S3OutputLocation": "s3://bucket/out/", "KmsKeyId": "alias/key",
-                     "SageMakerModel": {"ModelName": "out-model"}},
-    "StoppingCondition": {"MaxRuntimeInSeconds": 3600, "MaxWaitTimeInSeconds": 7200,
-                          "MaxPendingTimeInSeconds": 1800},
+    "OutputConfig": {
+        "S3OutputLocation": "s3://bucket/out/",
+        "KmsKeyId": "alias/key",
+        "SageMakerModel": {"ModelName": "out-model"},
+    },
+    "StoppingCondition": {
+        "MaxRuntimeInSeconds": 3600,
+        "MaxWaitTimeInSeconds": 7200,
+        "MaxPendingTimeInSeconds": 1800,
+    },
     "Tags": [{"Key": "team", "Value": "ml"}],
     "VpcConfig": {"SecurityGroupIds": ["sg-1"], "Subnets": ["subnet-1"]},
     "TrainingPlanArns": ["arn:aws:sagemaker:us-east-1:111122223333:training-plan/my-plan-name"],
@@ -56,8 +64,10 @@ def test_create_request_round_trips_byte_for_byte_semantics() -> None:
 
 def test_list_request_timestamps_from_boto3_are_epoch_seconds() -> None:
     moment = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-    body = _boto3_body("ListOptimizationJobs", {"CreationTimeAfter": moment, "MaxResults": 10,
-                                                "SortBy": "Name", "SortOrder": "Descending"})
+    body = _boto3_body(
+        "ListOptimizationJobs",
+        {"CreationTimeAfter": moment, "MaxResults": 10, "SortBy": "Name", "SortOrder": "Descending"},
+    )
     assert body["CreationTimeAfter"] == int(moment.timestamp())
     parsed = parse(ListOptimizationJobsRequest, body)
     assert parsed.creation_time_after == moment
@@ -99,14 +109,16 @@ def test_describe_response_is_parsed_by_botocore_with_datetimes() -> None:
 def test_list_response_is_parsed_by_botocore() -> None:
     now = datetime(2026, 5, 6, tzinfo=UTC)
     response = ListOptimizationJobsResponse(
-        optimization_job_summaries=[{
-            "OptimizationJobName": "job-1",
-            "OptimizationJobArn": "arn:aws:sagemaker:us-east-1:111122223333:optimization-job/job-1",
-            "CreationTime": now.timestamp(),
-            "OptimizationJobStatus": "STARTING",
-            "DeploymentInstanceType": "ml.g5.xlarge",
-            "OptimizationTypes": ["Quantization"],
-        }],
+        optimization_job_summaries=[
+            {
+                "OptimizationJobName": "job-1",
+                "OptimizationJobArn": "arn:aws:sagemaker:us-east-1:111122223333:optimization-job/job-1",
+                "CreationTime": now.timestamp(),
+                "OptimizationJobStatus": "STARTING",
+                "DeploymentInstanceType": "ml.g5.xlarge",
+                "OptimizationTypes": ["Quantization"],
+            }
+        ],
         next_token="abc",
     )
     parsed = _botocore_parse("ListOptimizationJobs", response.dump())
@@ -123,7 +135,10 @@ def test_string_booleans_and_numbers_are_not_coerced() -> None:
     try:
         parse(CreateOptimizationJobRequest, bad)
     except ValidationException as exc:
-        assert "at 'modelSource.s3.modelAccessConfig.acceptEula' failed to satisfy constraint: Member must be a boolean" in exc.message
+        assert (
+            "at 'modelSource.s3.modelAccessConfig.acceptEula' failed to satisfy constraint: Member must be a boolean"
+            in exc.message
+        )
         assert "at 'maxInstanceCount' failed to satisfy constraint: Member must be an integer" in exc.message
     else:
         raise AssertionError("string-typed boolean and integer were accepted")

@@ -52,9 +52,7 @@ class StrRule:
         return value
 
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler):
-        return core_schema.no_info_after_validator_function(
-            self._check, core_schema.str_schema(strict=True)
-        )
+        return core_schema.no_info_after_validator_function(self._check, core_schema.str_schema(strict=True))
 
 
 @dataclass(frozen=True)
@@ -66,15 +64,11 @@ class EnumRule:
 
     def _check(self, value: str) -> str:
         if value not in self.values:
-            raise constraint_error(
-                "Member must satisfy enum value set: [" + ", ".join(self.values) + "]"
-            )
+            raise constraint_error("Member must satisfy enum value set: [" + ", ".join(self.values) + "]")
         return value
 
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler):
-        return core_schema.no_info_after_validator_function(
-            self._check, core_schema.str_schema(strict=True)
-        )
+        return core_schema.no_info_after_validator_function(self._check, core_schema.str_schema(strict=True))
 
 
 @dataclass(frozen=True)
@@ -93,9 +87,7 @@ class IntRule:
         return value
 
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler):
-        return core_schema.no_info_after_validator_function(
-            self._check, core_schema.int_schema(strict=True)
-        )
+        return core_schema.no_info_after_validator_function(self._check, core_schema.int_schema(strict=True))
 
 
 @dataclass(frozen=True)

@@ -91,9 +91,7 @@ JobStatus = Annotated[str, EnumRule("OptimizationJobStatus", JOB_STATUSES)]
 SortBy = Annotated[str, EnumRule("ListOptimizationJobsSortBy", ("Name", "CreationTime", "Status"))]
 SortOrder = Annotated[str, EnumRule("SortOrder", ("Ascending", "Descending"))]
 SpecTechnique = Annotated[str, EnumRule("ModelSpeculativeDecodingTechnique", ("EAGLE",))]
-SpecDataType = Annotated[
-    str, EnumRule("ModelSpeculativeDecodingS3DataType", ("S3Prefix", "ManifestFile"))
-]
+SpecDataType = Annotated[str, EnumRule("ModelSpeculativeDecodingS3DataType", ("S3Prefix", "ManifestFile"))]
 
 MaxInstanceCount = Annotated[int, IntRule("OptimizationJobMaxInstanceCount", 1)]
 MaxRuntime = Annotated[int, IntRule("MaxRuntimeInSeconds", 1)]
@@ -350,9 +348,7 @@ class OptimizationJobSummary(Shape):
 
 class ListOptimizationJobsResponse(Shape):
     __shape__ = "ListOptimizationJobsResponse"
-    optimization_job_summaries: Annotated[
-        list[OptimizationJobSummary], ListRule("OptimizationJobSummaries")
-    ]
+    optimization_job_summaries: Annotated[list[OptimizationJobSummary], ListRule("OptimizationJobSummaries")]
     next_token: NextToken | None = None
 
 

@@ -60,7 +60,10 @@ class Plan(BaseModel):
         lines.append(f"output: {self.output.s3_uri}" + (" (SSE-KMS)" if self.output.kms_key_id else ""))
         for index, stage in enumerate(self.stages, 1):
             params = ", ".join(f"{k}={v}" for k, v in stage.params.items())
-            lines.append(f"stage {index}: {stage.optimization_type} via {stage.engine}" + (f" ({params})" if params else ""))
+            lines.append(
+                f"stage {index}: {stage.optimization_type} via {stage.engine}"
+                + (f" ({params})" if params else "")
+            )
         if self.recommended_image:
             lines.append(f"recommended inference image: {self.recommended_image}")
         lines.extend(f"warning: {w}" for w in self.all_warnings)
@@ -106,7 +109,9 @@ def _check_combination(members: list[str], problems: list[str]) -> None:
         seen[member] = seen.get(member, 0) + 1
     for member, count in seen.items():
         if count > rules["max_per_technique"]:
-            problems.append(f"{member} appears {count} times in OptimizationConfigs; give each technique once")
+            problems.append(
+                f"{member} appears {count} times in OptimizationConfigs; give each technique once"
+            )
     for member in rules["exclusive"]:
         if member in seen and len(seen) > 1:
             others = ", ".join(m for m in seen if m != member)
@@ -136,14 +141,16 @@ def build_plan(
     output = OutputRef(
         s3_uri=request.output_config.s3_output_location,
         kms_key_id=request.output_config.kms_key_id,
-        model_name=(request.output_config.sage_maker_model.model_name if request.output_config.sage_maker_model else None),
+        model_name=(
+            request.output_config.sage_maker_model.model_name
+            if request.output_config.sage_maker_model
+            else None
+        ),
     )
 
     members = [config.technique for config in request.optimization_configs]
     if not members:
-        problems.append(
-            "OptimizationConfigs is empty: give at least one of " + ", ".join(UNION_MEMBERS)
-        )
+        problems.append("OptimizationConfigs is empty: give at least one of " + ", ".join(UNION_MEMBERS))
     _check_combination(members, problems)
 
     techniques = _rules()["techniques"]

@@ -45,8 +45,15 @@ def debug_delay(events: EventSink, cancel: CancelToken) -> None:
     cancel.raise_if_cancelled()
 
 
-def run_stages(plan: Plan, model_dir: Path, work_dir: Path, *, events: EventSink, cancel: CancelToken,
-               storage: Any = None) -> tuple[Path, RunOutcome]:
+def run_stages(
+    plan: Plan,
+    model_dir: Path,
+    work_dir: Path,
+    *,
+    events: EventSink,
+    cancel: CancelToken,
+    storage: Any = None,
+) -> tuple[Path, RunOutcome]:
     """Run every planned stage over a local model directory; returns the final directory."""
     outcome = RunOutcome(recommended_image=plan.recommended_image, warnings=list(plan.all_warnings))
     current = model_dir
@@ -76,8 +83,9 @@ def run_stages(plan: Plan, model_dir: Path, work_dir: Path, *, events: EventSink
     return current, outcome
 
 
-def run_plan(plan: Plan, *, work_dir: Path, events: EventSink = NULL_SINK,
-             cancel: CancelToken | None = None) -> RunOutcome:
+def run_plan(
+    plan: Plan, *, work_dir: Path, events: EventSink = NULL_SINK, cancel: CancelToken | None = None
+) -> RunOutcome:
     """The whole job in this process. Raises JobFailed subclasses or JobCancelled."""
     cancel = cancel or CancelToken()
     work_dir.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,9 @@ from optjob.errors import InfrastructureError, ToolchainMissing
 
 def require_toolchain(technique: str, modules: dict[str, str]) -> None:
     """Fail with ToolchainMissing naming every absent module and how to get it."""
-    missing = [f"{module} ({how})" for module, how in modules.items() if importlib.util.find_spec(module) is None]
+    missing = [
+        f"{module} ({how})" for module, how in modules.items() if importlib.util.find_spec(module) is None
+    ]
     if missing:
         raise ToolchainMissing(
             f"{technique} needs " + "; ".join(missing) + " on the worker host, and this host has none of it"

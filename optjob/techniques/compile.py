@@ -12,7 +12,15 @@ from collections.abc import Mapping
 from pydantic import BaseModel
 
 from optjob.pipeline.env import env_to_properties, tensor_parallel_degree
-from optjob.pipeline.stage import PlanError, PlannedStage, StageContext, StageNeeds, StageResult, Technique, register
+from optjob.pipeline.stage import (
+    PlanError,
+    PlannedStage,
+    StageContext,
+    StageNeeds,
+    StageResult,
+    Technique,
+    register,
+)
 from optjob.targets.catalog import InstanceSpec
 from optjob.techniques._pending import driver_not_in_build, require_toolchain
 
@@ -25,14 +33,18 @@ class CompilationTechnique(Technique):
     config_member = "ModelCompilationConfig"
     optimization_type = "Compilation"
 
-    def plan(self, config: BaseModel, env: Mapping[str, str], target: InstanceSpec, *, path: str) -> PlannedStage:
+    def plan(
+        self, config: BaseModel, env: Mapping[str, str], target: InstanceSpec, *, path: str
+    ) -> PlannedStage:
         env = dict(env)
         image = getattr(config, "image", None)
         if target.family == "neuron":
             degree = tensor_parallel_degree(env, target, path=path, required=True)
             dtype = env.get("OPTION_DTYPE", "fp16")
             if dtype not in NEURON_DTYPES:
-                raise PlanError(f"OPTION_DTYPE='{dtype}' at '{path}' is not one of {', '.join(NEURON_DTYPES)}")
+                raise PlanError(
+                    f"OPTION_DTYPE='{dtype}' at '{path}' is not one of {', '.join(NEURON_DTYPES)}"
+                )
             params = {
                 "tensor_parallel_degree": degree,
                 "n_positions": int(env.get("OPTION_N_POSITIONS", "128")),
@@ -61,7 +73,11 @@ class CompilationTechnique(Technique):
             technique=self.config_member,
             optimization_type=self.optimization_type,
             engine="tensorrt-llm",
-            params={"tensor_parallel_degree": degree, "quantize": quantize, "dtype": env.get("OPTION_DTYPE", "auto")},
+            params={
+                "tensor_parallel_degree": degree,
+                "quantize": quantize,
+                "dtype": env.get("OPTION_DTYPE", "auto"),
+            },
             env=env,
             image=image,
             image_framework="tensorrtllm",
