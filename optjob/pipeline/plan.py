@@ -7,6 +7,7 @@ artifacts as the job's provenance, like llm-compressor's ``recipe.yaml``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -17,6 +18,7 @@ from optjob.api.shapes import UNION_MEMBERS, CreateOptimizationJobRequest
 from optjob.config_files import load_config
 from optjob.pipeline.env import layer_env
 from optjob.pipeline.stage import PlanError, PlannedStage, technique_for
+from optjob.storage.eula import gated_source_reason
 from optjob.targets.catalog import InstanceSpec, instance
 
 
@@ -83,7 +85,13 @@ def _member_path(index: int, member: str) -> str:
     return f"optimizationConfigs.{index + 1}.member.{member[:1].lower()}{member[1:]}"
 
 
-def _check_source(request: CreateOptimizationJobRequest, problems: list[str]) -> SourceRef:
+ModelResolver = Callable[[str], str | None]
+
+
+def _check_source(
+    request: CreateOptimizationJobRequest, problems: list[str], resolve_model: ModelResolver | None
+) -> SourceRef:
+    """Exactly one source; a gated bucket needs AcceptEula; a SageMakerModel must be registered."""
     source = request.model_source
     if (source.s3 is None) == (source.sage_maker_model is None):
         problems.append(
@@ -95,11 +103,22 @@ def _check_source(request: CreateOptimizationJobRequest, problems: list[str]) ->
         if not source.s3.s3_uri:
             problems.append("ModelSource.S3.S3Uri is required: the S3 prefix (or .tar.gz) holding the model")
         accept = bool(source.s3.model_access_config and source.s3.model_access_config.accept_eula)
+        if source.s3.s3_uri and not accept:
+            reason = gated_source_reason(source.s3.s3_uri)
+            if reason:
+                problems.append(reason)
         return SourceRef(s3_uri=source.s3.s3_uri, accept_eula=accept)
     name = source.sage_maker_model.model_name
     if not name:
         problems.append("ModelSource.SageMakerModel.ModelName is required")
-    return SourceRef(model_name=name)
+        return SourceRef()
+    resolved = resolve_model(name) if resolve_model else None
+    if resolve_model is not None and resolved is None:
+        problems.append(
+            f"ModelSource.SageMakerModel.ModelName '{name}' is not a registered model; register it with "
+            f"`optjob models register {name} s3://bucket/prefix/` or give ModelSource.S3.S3Uri"
+        )
+    return SourceRef(model_name=name, s3_uri=resolved)
 
 
 def _check_combination(members: list[str], problems: list[str]) -> None:
@@ -133,11 +152,12 @@ def build_plan(
     *,
     region: str,
     resolve_image: bool = True,
+    resolve_model: ModelResolver | None = None,
 ) -> Plan:
     """Check the request against the target and the rules; raise ValidationException listing all problems."""
     problems: list[str] = []
     target = instance(request.deployment_instance_type)
-    source = _check_source(request, problems)
+    source = _check_source(request, problems, resolve_model)
     output = OutputRef(
         s3_uri=request.output_config.s3_output_location,
         kms_key_id=request.output_config.kms_key_id,

@@ -19,6 +19,8 @@ from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import NULL_SINK, EventSink
 from optjob.pipeline.plan import Plan
 from optjob.pipeline.stage import StageContext, technique_for
+from optjob.pipeline.transfer import build_manifest, fetch_source, publish_output
+from optjob.storage.s3 import S3Settings
 
 # A deliberately slow first step for lifecycle tests and demos of Stop/timeout: the job sleeps this
 # many seconds (checking for cancellation) before fetching. Never set in production.
@@ -84,18 +86,30 @@ def run_stages(
 
 
 def run_plan(
-    plan: Plan, *, work_dir: Path, events: EventSink = NULL_SINK, cancel: CancelToken | None = None
+    plan: Plan,
+    *,
+    work_dir: Path,
+    job_arn: str | None = None,
+    events: EventSink = NULL_SINK,
+    cancel: CancelToken | None = None,
+    storage: S3Settings | None = None,
 ) -> RunOutcome:
-    """The whole job in this process. Raises JobFailed subclasses or JobCancelled."""
+    """The whole job in this process. Raises JobFailed subclasses or JobCancelled.
+
+    Nothing is written to the output location before every stage has finished and verified; the
+    scratch directory (source, intermediate stages) is removed on every exit.
+    """
     cancel = cancel or CancelToken()
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
         debug_delay(events, cancel)
-        from optjob.pipeline.transfer import fetch_source, publish_output
-
-        source_dir = fetch_source(plan, work_dir, events=events, cancel=cancel)
-        final_dir, outcome = run_stages(plan, source_dir, work_dir, events=events, cancel=cancel)
-        outcome.published = publish_output(plan, final_dir, outcome, events=events, cancel=cancel)
+        source = fetch_source(plan, work_dir, settings=storage, events=events, cancel=cancel)
+        final_dir, outcome = run_stages(plan, source.path, work_dir, events=events, cancel=cancel)
+        cancel.raise_if_cancelled()
+        if job_arn is None:
+            raise ValueError("run_plan needs the job's ARN to write the manifest")
+        manifest = build_manifest(plan, job_arn, source, outcome.metrics, outcome.warnings)
+        outcome.published = publish_output(plan, final_dir, manifest, settings=storage, events=events, cancel=cancel)
         return outcome
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)

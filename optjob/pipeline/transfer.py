@@ -1,0 +1,102 @@
+"""The two ends of a job: bring the source model in (checked, EULA-gated) and publish the result.
+
+Both ends are the storage layer's; this module decides only what the pipeline needs from them:
+which URI to fetch, which checks a fetched model must pass before any optimization, and what the
+manifest that marks a published model as complete records about the job.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from optjob.errors import InputError
+from optjob.pipeline.cancel import CancelToken
+from optjob.pipeline.events import NULL_SINK, EventSink
+from optjob.pipeline.plan import Plan
+from optjob.storage.eula import model_card_gating
+from optjob.storage.inputs import check_model_dir
+from optjob.storage.publish import publish_model
+from optjob.storage.s3 import S3Settings
+from optjob.storage.source import FetchedModel, fetch_model
+
+ALLOW_PICKLE_ENV = "OPTJOB_ALLOW_PICKLE_WEIGHTS"
+
+
+@dataclass
+class SourceModel:
+    path: Path
+    fetched: FetchedModel
+
+
+def fetch_source(
+    plan: Plan,
+    work_dir: Path,
+    *,
+    settings: S3Settings | None = None,
+    events: EventSink = NULL_SINK,
+    cancel: CancelToken | None = None,
+) -> SourceModel:
+    """Download the source, refuse unsafe or non-model directories and unaccepted gated licenses."""
+    uri = plan.source.s3_uri
+    if not uri:
+        raise InputError(
+            f"ModelSource.SageMakerModel '{plan.source.model_name}' has no registered S3 location; "
+            "register it with `optjob models register`"
+        )
+    fetched = fetch_model(uri, work_dir / "source", settings=settings, events=events, cancel=cancel)
+    check_model_dir(fetched.path, allow_pickle=os.environ.get(ALLOW_PICKLE_ENV) == "1")
+    if not plan.source.accept_eula:
+        reason = model_card_gating(fetched.path)
+        if reason:
+            raise InputError(reason)
+    return SourceModel(path=fetched.path, fetched=fetched)
+
+
+def build_manifest(plan: Plan, job_arn: str, source: SourceModel, metrics: dict[str, Any],
+                   warnings: list[str]) -> dict[str, Any]:
+    """What the manifest says about the job; publish adds files, sizes, hashes, versions and timings."""
+    return {
+        "job_name": plan.job_name,
+        "job_arn": job_arn,
+        "source": {"uri": source.fetched.source_uri, "etags": source.fetched.etags},
+        "target": plan.target.name,
+        "techniques": [
+            {
+                "technique": stage.technique,
+                "optimization_type": stage.optimization_type,
+                "engine": stage.engine,
+                "params": stage.params,
+                "env": stage.env,
+            }
+            for stage in plan.stages
+        ],
+        "metrics": metrics,
+        "warnings": warnings,
+        "recommended_inference_image": plan.recommended_image,
+        "plan": plan.model_dump(mode="json"),
+    }
+
+
+def publish_output(
+    plan: Plan,
+    final_dir: Path,
+    manifest: dict[str, Any],
+    *,
+    settings: S3Settings | None = None,
+    events: EventSink = NULL_SINK,
+    cancel: CancelToken | None = None,
+) -> list[str]:
+    """Upload the verified model directory, manifest last; returns the published relative paths."""
+    result = publish_model(
+        final_dir,
+        plan.output.s3_uri,
+        manifest=manifest,
+        kms_key_id=plan.output.kms_key_id,
+        settings=settings,
+        events=events,
+        cancel=cancel,
+    )
+    return [file.path for file in result.files]
