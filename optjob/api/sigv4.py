@@ -122,9 +122,7 @@ def verify(request: IncomingRequest, keys: dict[str, str], *, now: datetime | No
     try:
         signed_at = datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
     except ValueError:
-        raise IncompleteSignature(
-            "Authorization requires a valid X-Amz-Date header (YYYYMMDDTHHMMSSZ)"
-        ) from None
+        raise IncompleteSignature("Authorization requires a valid X-Amz-Date header (YYYYMMDDTHHMMSSZ)") from None
     now = now or datetime.now(UTC)
     if abs((now - signed_at).total_seconds()) > MAX_SKEW_S:
         raise InvalidSignature(
@@ -139,8 +137,7 @@ def verify(request: IncomingRequest, keys: dict[str, str], *, now: datetime | No
         raise InvalidSignature("'Host' must be a signed header")
     rebuilt = AWSRequest(
         method=request.method,
-        url=f"http://{headers.get('host', [''])[0]}{request.path}"
-        + (f"?{request.query}" if request.query else ""),
+        url=f"http://{headers.get('host', [''])[0]}{request.path}" + (f"?{request.query}" if request.query else ""),
         data=request.body,
     )
     for name in signed_names:
