@@ -1,0 +1,1 @@
+"""Packaging of optimized model directories: serving.properties and recommended images."""

@@ -1,0 +1,224 @@
+"""The engines that produce quantized checkpoints: llm-compressor ``oneshot`` and bitsandbytes.
+
+(The data-free streaming engine is ``streaming.py``.) Each engine reads a local HF directory and
+writes a complete HF directory: weights, ``config.json`` with ``quantization_config``, tokenizer
+and generation config. Serving properties and verification are the caller's job.
+
+CPU gotchas from docs/cpu-feasibility handled here, in code, not in the environment:
+* llm-compressor's AWQ pins intermediates with ``Tensor.pin_memory()``, which raises on a host
+  without an accelerator. ``_no_pin_memory_on_cpu`` turns ``IntermediatesCache.pin_memory`` into
+  a no-op for the duration of one ``oneshot`` call, and only when CUDA is unavailable.
+* bitsandbytes NF4 repacks 4-bit weights into a CPU layout on the first forward; saving after
+  that writes weights that dequantize wrongly. ``bnb_quantize`` saves straight after loading,
+  before any forward, and keeps double quantization on by default; the verify gate then checks
+  the reloaded output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from optjob.errors import InputError
+from optjob.pipeline.cancel import CancelToken
+from optjob.pipeline.events import NULL_SINK, EventSink
+from optjob.techniques.quantize.params import QuantizationParams
+from optjob.techniques.quantize.streaming import torch_dtype
+
+AUX_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def copy_aux_files(src: Path, dst: Path) -> None:
+    """Tokenizer and generation config travel unchanged (the engines may not write all of them)."""
+    for name in AUX_FILES:
+        if (src / name).is_file() and not (dst / name).exists():
+            shutil.copy2(src / name, dst / name)
+
+
+@contextlib.contextmanager
+def _no_pin_memory_on_cpu() -> Iterator[None]:
+    """Scope llm-compressor's CPU workaround to one call; restore the original method after."""
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if torch.cuda.is_available():
+        yield
+        return
+    original = IntermediatesCache.__dict__.get("pin_memory")
+    IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if original is not None:
+            IntermediatesCache.pin_memory = original  # type: ignore[method-assign]
+
+
+def _weight_args(num_bits: int, group_size: int, symmetric: bool) -> Any:
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy, QuantizationType
+
+    return QuantizationArgs(
+        num_bits=num_bits,
+        type=QuantizationType.INT,
+        strategy=QuantizationStrategy.GROUP,
+        group_size=group_size,
+        symmetric=symmetric,
+        dynamic=False,
+    )
+
+
+def _kv_cache_args(params: QuantizationParams) -> Any:
+    if params.kv_cache_dtype == "auto":
+        return None
+    from compressed_tensors.quantization import QuantizationArgs
+
+    return QuantizationArgs(num_bits=8, type="float", strategy="tensor", dynamic=False, symmetric=True)
+
+
+def build_recipe(params: QuantizationParams, scheme_cfg: dict[str, Any]) -> list[Any]:
+    """llm-compressor modifiers for one OPTION_QUANTIZE value (see configs/quantization.yaml)."""
+    from compressed_tensors.quantization import QuantizationScheme
+    from llmcompressor.modifiers.awq import AWQModifier
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+    ignore = params.ignore
+    kv = _kv_cache_args(params)
+    recipe = scheme_cfg.get("recipe")
+    if recipe == "awq":
+        scheme = QuantizationScheme(
+            targets=["Linear"],
+            weights=_weight_args(params.awq_weight_bit_width, params.awq_block_size, not params.awq_zero_point),
+        )
+        return [
+            AWQModifier(ignore=ignore, duo_scaling="both"),
+            QuantizationModifier(config_groups={"group_0": scheme}, ignore=ignore, kv_cache_scheme=kv),
+        ]
+    if recipe == "gptq":
+        scheme = QuantizationScheme(targets=["Linear"], weights=_weight_args(4, params.gptq_group_size, True))
+        return [GPTQModifier(config_groups={"group_0": scheme}, ignore=ignore, kv_cache_scheme=kv)]
+    if recipe == "smoothquant":
+        return [
+            SmoothQuantModifier(smoothing_strength=params.smoothquant_alpha),
+            GPTQModifier(scheme="W8A8", targets=["Linear"], ignore=ignore, kv_cache_scheme=kv),
+        ]
+    if recipe == "fp8":
+        return [QuantizationModifier(scheme=params.fp8_scheme, targets=["Linear"], ignore=ignore, kv_cache_scheme=kv)]
+    if recipe == "preset":
+        preset = scheme_cfg["preset"]
+        return [QuantizationModifier(scheme=preset, targets=["Linear"], ignore=ignore, kv_cache_scheme=kv)]
+    raise InputError(f"OPTION_QUANTIZE={params.quantize}: no llm-compressor recipe {recipe!r}")
+
+
+def calibration_dataset(tokenizer: Any, texts: list[str], *, samples: int, max_len: int) -> Any:
+    """Tokenized, truncated, non-empty samples as a ``datasets.Dataset`` of ``input_ids``."""
+    from datasets import Dataset
+
+    rows = []
+    for text in texts:
+        ids = tokenizer(text, truncation=True, max_length=max_len)["input_ids"]
+        if len(ids) >= 2:  # empty samples crash llm-compressor (float input_ids)
+            rows.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
+        if len(rows) >= samples:
+            break
+    if not rows:
+        raise InputError("calibration data produced no non-empty samples after tokenization")
+    return Dataset.from_list(rows)
+
+
+def llmcompressor_quantize(
+    input_dir: Path,
+    output_dir: Path,
+    params: QuantizationParams,
+    scheme_cfg: dict[str, Any],
+    *,
+    texts: list[str] | None,
+    dtype: str,
+    max_seq_len: int,
+    events: EventSink = NULL_SINK,
+    cancel: CancelToken | None = None,
+) -> dict[str, Any]:
+    """Run ``oneshot`` with the sequential pipeline (one decoder layer's activations at a time)."""
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tdtype = torch_dtype(dtype) or "auto"
+    model = AutoModelForCausalLM.from_pretrained(input_dir, dtype=tdtype)
+    tokenizer = AutoTokenizer.from_pretrained(input_dir)
+    recipe = build_recipe(params, scheme_cfg)
+    kwargs: dict[str, Any] = {}
+    samples = 0
+    if texts is not None:
+        dataset = calibration_dataset(tokenizer, texts, samples=params.calib_size, max_len=max_seq_len)
+        samples = len(dataset)
+        kwargs.update(
+            dataset=dataset,
+            num_calibration_samples=samples,
+            max_seq_length=max_seq_len,
+            shuffle_calibration_samples=False,
+            pipeline="sequential",
+        )
+    if cancel is not None:
+        cancel.raise_if_cancelled()
+    events("quantize", "oneshot", 0.0, f"llm-compressor {params.quantize} on {samples} samples")
+    started = time.monotonic()
+    with _no_pin_memory_on_cpu():
+        oneshot(model=model, recipe=recipe, **kwargs)
+    elapsed = time.monotonic() - started
+    if cancel is not None:
+        cancel.raise_if_cancelled()
+    model.save_pretrained(output_dir, save_compressed=True)
+    tokenizer.save_pretrained(output_dir)
+    copy_aux_files(input_dir, output_dir)
+    return {"calibration_samples": samples, "oneshot_seconds": round(elapsed, 3)}
+
+
+def bnb_quantize(
+    input_dir: Path,
+    output_dir: Path,
+    params: QuantizationParams,
+    *,
+    dtype: str,
+    save_after_forward: bool = False,
+) -> dict[str, Any]:
+    """bitsandbytes NF4 / LLM.int8 through transformers; saved before any forward pass.
+
+    ``save_after_forward`` exists only so tests can reproduce the NF4 corruption and prove the
+    verify gate catches it; production code never sets it.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    compute = torch_dtype(dtype) or torch.bfloat16
+    if params.quantize == "nf4":
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=params.bnb_double_quant,
+            bnb_4bit_compute_dtype=compute,
+            llm_int8_skip_modules=params.ignore,
+        )
+    else:
+        bnb = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=params.ignore)
+    model = AutoModelForCausalLM.from_pretrained(input_dir, quantization_config=bnb, dtype=compute, device_map="cpu")
+    if save_after_forward:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[1, 2, 3, 4]]))
+    model.save_pretrained(output_dir)  # before any forward: see module docstring
+    AutoTokenizer.from_pretrained(input_dir).save_pretrained(output_dir)
+    copy_aux_files(input_dir, output_dir)
+    return {"double_quant": params.bnb_double_quant if params.quantize == "nf4" else None}

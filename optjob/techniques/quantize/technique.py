@@ -1,0 +1,213 @@
+"""``QuantizationTechnique``: the ModelQuantizationConfig plug-in (issue #5).
+
+plan(): OPTION_* -> typed parameters, scheme -> engine, capability rules against the target,
+tensor-parallel degree against the accelerator count, serving.properties to write.
+run():  memory pre-flight -> quantize (streaming / llm-compressor / bitsandbytes) -> tokenizer and
+serving.properties -> verification gate. A failed gate moves the output aside and raises
+``VerificationFailed``; only a verified directory is left at ``ctx.output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from optjob.config_files import load_config
+from optjob.errors import InputError, VerificationFailed
+from optjob.package.serving import properties_from_env, write_serving_properties
+from optjob.pipeline.stage import (
+    PlanError,
+    PlannedStage,
+    StageContext,
+    StageNeeds,
+    StageResult,
+    Technique,
+    register,
+)
+from optjob.targets.catalog import InstanceSpec
+from optjob.techniques.quantize import rules
+from optjob.techniques.quantize.params import QuantizationParams, parse_params
+
+_CONFIG_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+_SERVING_DTYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
+
+
+def resolve_engine(params: QuantizationParams) -> dict[str, Any]:
+    """Engine, recipe and calibration need for the parameters (configs/quantization.yaml)."""
+    cfg = load_config("quantization.yaml")
+    scheme = dict(cfg["schemes"][params.quantize])
+    key = params.quantize
+    if params.quantize == "fp8":
+        fp8 = cfg["fp8_schemes"][params.fp8_scheme]
+        scheme.update(engine=fp8["engine"], calibration=fp8["calibration"], preset=fp8["preset"])
+        key = params.fp8_scheme.lower()
+    scheme["verify_key"] = key
+    return scheme
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@register
+class QuantizationTechnique(Technique):
+    config_member = "ModelQuantizationConfig"
+    optimization_type = "Quantization"
+
+    def plan(
+        self,
+        config: BaseModel,
+        env: Mapping[str, str],
+        target: InstanceSpec,
+        *,
+        path: str,
+    ) -> PlannedStage:
+        params = parse_params(env, path=path)
+        scheme = resolve_engine(params)
+        decision = rules.evaluate(params.quantize, env, params.dtype, target, path=path)
+        tp = params.tensor_parallel_degree
+        if tp is not None and (tp > target.accelerator_count or target.accelerator_count % tp):
+            raise PlanError(
+                f"OPTION_TENSOR_PARALLEL_DEGREE={tp} at {path}: must divide the accelerator count of "
+                f"{target.name} ({target.accelerator_count} x {target.accelerator})"
+            )
+        serving = properties_from_env(env)
+        serving.update({k: str(v) for k, v in scheme.get("serving", {}).items()})
+        if scheme["engine"] == "bitsandbytes":
+            serving.pop("option.quantize", None)
+        if decision.dtype != "auto":
+            serving["option.dtype"] = _SERVING_DTYPES[decision.dtype]
+        if params.kv_cache_dtype != "auto":
+            serving["option.kv_cache_dtype"] = params.kv_cache_dtype
+        return PlannedStage(
+            technique=self.config_member,
+            optimization_type=self.optimization_type,
+            engine=str(scheme["engine"]),
+            params={
+                "options": params.model_dump(mode="json"),
+                "scheme": scheme,
+                "dtype": decision.dtype,
+                "rules_applied": decision.applied,
+            },
+            env=dict(env),
+            image=getattr(config, "Image", None),
+            image_framework="lmi",
+            needs=StageNeeds(
+                calibration_data=bool(scheme["calibration"]),
+                whole_model_in_memory=scheme["engine"] != "streaming",
+            ),
+            warnings=tuple(decision.warnings),
+            serving_properties=serving,
+        )
+
+    def run(self, stage: PlannedStage, ctx: StageContext) -> StageResult:
+        from optjob.techniques.quantize import engines, memory, streaming
+        from optjob.verify.gate import run_gate
+
+        params = QuantizationParams(**stage.params["options"])
+        scheme: dict[str, Any] = stage.params["scheme"]
+        dtype: str = stage.params.get("dtype", "auto")
+        src, out = Path(ctx.input_dir), Path(ctx.output_dir)
+        if not (src / "config.json").is_file():
+            raise InputError(f"the model source has no config.json (looked in {src})")
+        out.mkdir(parents=True, exist_ok=True)
+        timings: dict[str, float] = {}
+
+        started = time.monotonic()
+        linear = streaming.linear_module_names(src)
+        fit = memory.estimate(src, params, ctx.target, linear_modules=linear, ignore=params.ignore, dtype=dtype)
+        memory.check_fit(fit, ctx.target)
+        ctx.events("quantize", "preflight", 0.0, f"fits: {fit.per_accelerator_gib:.2f} GiB per accelerator")
+        ctx.cancel.raise_if_cancelled()
+
+        texts = None
+        if scheme["calibration"]:
+            from optjob.techniques.quantize.calibration import load_texts
+
+            texts = load_texts(params.calib_dataset, storage=ctx.storage)
+        cap = int(load_config("quantization.yaml")["calibration"]["max_seq_len_cap"])
+        max_seq = min(params.max_model_len, cap)
+
+        t0 = time.monotonic()
+        engine = stage.engine
+        details: dict[str, Any] = {}
+        if engine == "streaming":
+            result = streaming.quantize_checkpoint(
+                src,
+                out,
+                preset=scheme["preset"],
+                ignore=params.ignore,
+                dtype=dtype,
+                cancel=ctx.cancel,
+                events=ctx.events,
+            )
+            details = {"shards": len(result.shards), "quantized_modules": len(result.quantized_modules)}
+        elif engine == "llmcompressor":
+            details = engines.llmcompressor_quantize(
+                src,
+                out,
+                params,
+                scheme,
+                texts=texts,
+                dtype=dtype,
+                max_seq_len=max_seq,
+                events=ctx.events,
+                cancel=ctx.cancel,
+            )
+            if dtype != "auto":
+                self._set_config_dtype(out, dtype)
+        elif engine == "bitsandbytes":
+            details = engines.bnb_quantize(src, out, params, dtype=dtype)
+        else:
+            raise InputError(f"unknown quantization engine {engine!r}")
+        timings["quantize_s"] = round(time.monotonic() - t0, 3)
+        engines.copy_aux_files(src, out)
+        write_serving_properties(out, stage.serving_properties)
+        ctx.cancel.raise_if_cancelled()
+
+        t0 = time.monotonic()
+        try:
+            report = run_gate(src, out, scheme["verify_key"], events=ctx.events)
+        except VerificationFailed:
+            rejected = Path(ctx.work_dir) / "rejected-output"
+            shutil.rmtree(rejected, ignore_errors=True)
+            rejected.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(out), str(rejected))
+            out.mkdir(parents=True, exist_ok=True)
+            raise
+        timings["verify_s"] = round(time.monotonic() - t0, 3)
+        timings["total_s"] = round(time.monotonic() - started, 3)
+        metrics = {
+            "scheme": scheme["verify_key"],
+            "engine": engine,
+            "quantize": params.quantize,
+            "dtype": dtype,
+            "verification": report.as_dict(),
+            "memory_fit": fit.as_dict(),
+            "engine_details": details,
+            "timings": timings,
+            "peak_rss_mib": round(_peak_rss_mib(), 1),
+        }
+        Path(ctx.work_dir).mkdir(parents=True, exist_ok=True)
+        (Path(ctx.work_dir) / "quantization-report.json").write_text(json.dumps(metrics, indent=2))
+        return StageResult(
+            metrics=metrics,
+            warnings=[*stage.warnings, *report.notes],
+            serving_properties=dict(stage.serving_properties),
+        )
+
+    @staticmethod
+    def _set_config_dtype(out: Path, dtype: str) -> None:
+        path = out / "config.json"
+        cfg = json.loads(path.read_text())
+        cfg["dtype"] = _CONFIG_DTYPES[dtype]
+        cfg.pop("torch_dtype", None)
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,202 @@
+"""A tiny, locally built Llama checkpoint for tests: no Hub, seconds to build, cached on disk.
+
+Random-init models have near-uniform next-token distributions, so accuracy gates (top-1 agreement,
+KL divergence) would pass anything. The builder therefore trains the model for a few dozen steps
+on the shipped calibration corpus, which is enough to give it peaked, text-dependent predictions
+that quantization error visibly perturbs, while staying under ~30 s on two cores.
+
+The result is cached under ``$OPTJOB_CACHE_DIR/tiny-models/<key>`` (default ``~/.cache/optjob``)
+keyed by every argument and the library versions, and copied into the caller's directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+_BUILDER_VERSION = 3
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
+
+
+def cache_root() -> Path:
+    base = os.environ.get("OPTJOB_CACHE_DIR")
+    return (Path(base) if base else Path.home() / ".cache" / "optjob") / "tiny-models"
+
+
+def _training_texts() -> list[str]:
+    from optjob.techniques.quantize.calibration import load_texts
+
+    return load_texts(None)
+
+
+def build_tokenizer(out_dir: Path, *, vocab: int, texts: list[str]) -> Any:
+    """Byte-level BPE trained on local text, wrapped as ``PreTrainedTokenizerFast`` and saved."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        model_max_length=2048,
+    )
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def _train(model: Any, tokenizer: Any, texts: list[str], *, steps: int, seq: int, seed: int) -> float:
+    """A few AdamW steps of next-token prediction; returns the final loss (for the record)."""
+    import torch
+
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text)["input_ids"])
+    data = torch.tensor(ids, dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    loss_value = float("nan")
+    batch = 8
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=gen)
+        x = torch.stack([data[s : s + seq] for s in starts])
+        out = model(input_ids=x, labels=x)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_value = float(out.loss.detach())
+    model.eval()
+    return loss_value
+
+
+def _build(
+    out: Path,
+    *,
+    seed: int,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    vocab: int,
+    shards: int,
+    train_steps: int,
+    dtype: str,
+) -> None:
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    texts = _training_texts()
+    tokenizer = build_tokenizer(out, vocab=vocab, texts=texts)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    loss = _train(model, tokenizer, texts, steps=train_steps, seq=128, seed=seed) if train_steps else None
+    model = model.to(getattr(torch, dtype))
+    model.config.dtype = dtype
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    shard_size = f"{max(1, total // shards // 1000 + 1)}KB" if shards > 1 else "50GB"
+    model.save_pretrained(out, max_shard_size=shard_size, safe_serialization=True)
+    GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        max_new_tokens=32,
+    ).save_pretrained(out)
+    (out / "optjob_tiny_model.json").write_text(
+        json.dumps({"final_train_loss": loss, "train_steps": train_steps, "seed": seed}, indent=1)
+    )
+
+
+def build_tiny_llama(
+    dir: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    hidden: int = 256,
+    intermediate: int = 512,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 2048,
+    shards: int = 1,
+    train_steps: int = 150,
+    dtype: str = "bfloat16",
+) -> Path:
+    """Write a small ``LlamaForCausalLM`` HF directory to ``dir`` and return its path.
+
+    The directory holds ``config.json``, safetensors weights (``shards > 1`` gives roughly that
+    many shards plus ``model.safetensors.index.json``), a byte-level BPE ``tokenizer.json`` with
+    its config, and ``generation_config.json``. Linear dimensions default to multiples of 128 so
+    group-128 int4 and 128x128 FP8 blocks apply to every layer. Built once per argument set,
+    then copied from the cache.
+    """
+    import tokenizers
+    import torch
+    import transformers
+
+    args = dict(
+        seed=seed,
+        hidden=hidden,
+        intermediate=intermediate,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        vocab=vocab,
+        shards=shards,
+        train_steps=train_steps,
+        dtype=dtype,
+    )
+    stamp = [_BUILDER_VERSION, args, torch.__version__, transformers.__version__, tokenizers.__version__]
+    key = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16]
+    cached = cache_root() / key
+    if not (cached / "config.json").is_file():
+        cache_root().mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_root()))
+        try:
+            _build(tmp, **args)  # type: ignore[arg-type]
+            try:
+                tmp.rename(cached)  # atomic: concurrent builders race, one wins
+            except OSError:
+                if not (cached / "config.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    dest = Path(dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(cached, dest, dirs_exist_ok=True)
+    return dest

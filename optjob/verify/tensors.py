@@ -1,0 +1,225 @@
+"""Per-tensor check: dequantize every quantized weight of the output and compare it with its source.
+
+This part of the gate runs for any model size: both checkpoints are opened lazily
+(``safe_open`` maps the files), one module is materialized at a time, and only running
+aggregates are kept. It is independent of the code that quantized: it reads the output's
+``quantization_config`` and decodes with compressed-tensors' own compressors (or bitsandbytes'
+dequantizers), so a corrupted or mis-scaled tensor shows up whatever wrote it.
+
+Schemes that smooth activations (AWQ, SmoothQuant) legitimately rescale each weight's input
+channels and fold the inverse into the preceding norm or linear (whose output channels then
+change). For them ``mode="channel_rescaled"`` compares the output with the source after fitting
+per-row and per-column scales by least squares, which removes the smoothing but keeps
+quantization error and corruption visible.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+Mode = Literal["direct", "channel_rescaled"]
+_QUANT_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_global_scale", "weight_shape", "SCB")
+
+
+@dataclass
+class TensorFigures:
+    """Aggregates over every quantized tensor (and the unquantized ones that should be unchanged)."""
+
+    quantized_tensors: int = 0
+    max_rel_error: float = 0.0
+    mean_rel_error: float = 0.0
+    min_cosine: float = 1.0
+    worst_tensor: str = ""
+    unquantized_tensors: int = 0
+    unquantized_max_rel_error: float = 0.0
+    unquantized_worst_tensor: str = ""
+    mode: str = "direct"
+    per_tensor: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def as_dict(self, *, with_tensors: bool = False) -> dict[str, Any]:
+        data = asdict(self)
+        if not with_tensors:
+            data.pop("per_tensor")
+        return data
+
+
+def _weight_map(model_dir: Path) -> dict[str, str]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return dict(json.loads(index.read_text())["weight_map"])
+    from safetensors import safe_open
+
+    out: dict[str, str] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as handle:
+            out.update({k: file.name for k in handle.keys()})  # noqa: SIM118
+    return out
+
+
+class _Reader:
+    """Lazily opened safetensors files of one checkpoint; ``get`` materializes one tensor."""
+
+    def __init__(self, model_dir: Path, stack: ExitStack) -> None:
+        from safetensors import safe_open
+
+        self.dir = model_dir
+        self.map = _weight_map(model_dir)
+        self._open = safe_open
+        self._stack = stack
+        self._handles: dict[str, Any] = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self.map[name]
+        if file not in self._handles:
+            self._handles[file] = self._stack.enter_context(self._open(str(self.dir / file), "pt"))
+        return self._handles[file].get_tensor(name)
+
+
+def _modules(names: list[str]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name in names:
+        module, _, local = name.rpartition(".")
+        if local in _QUANT_SUFFIXES or local == "weight":
+            groups[module].append(local)
+    return groups
+
+
+def _ct_decoder(qconfig: dict[str, Any]) -> Any:
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    groups = []
+    for group in qconfig.get("config_groups", {}).values():
+        scheme = QuantizationScheme.model_validate(group)
+        fmt = group.get("format") or qconfig.get("format")
+        groups.append((scheme, BaseCompressor.get_value_from_registry(fmt)))
+    if len(groups) != 1:
+        raise ValueError(f"verification supports one config group, found {len(groups)}")
+    scheme, compressor = groups[0]
+
+    def decode(local: dict[str, torch.Tensor]) -> torch.Tensor:
+        return compressor.decompress(local, scheme)["weight"]
+
+    return decode
+
+
+def _bnb_decoder(reader: _Reader, qconfig: dict[str, Any]) -> Any:
+    def decode(module: str) -> torch.Tensor:
+        weight = reader.get(f"{module}.weight")
+        if qconfig.get("_load_in_8bit") or qconfig.get("load_in_8bit"):
+            scb = reader.get(f"{module}.SCB").float()
+            return weight.float() * scb[:, None] / 127.0
+        import bitsandbytes.functional as F
+
+        prefix = f"{module}.weight."
+        state = {k[len(prefix) :]: reader.get(k) for k in reader.map if k.startswith(prefix)}
+        quant_state = F.QuantState.from_dict(state, device=torch.device("cpu"))
+        return F.dequantize_4bit(weight, quant_state).float()
+
+    return decode
+
+
+def _compare(deq: torch.Tensor, src: torch.Tensor, mode: Mode) -> tuple[float, float]:
+    d = deq.double().reshape(src.shape) if deq.numel() == src.numel() else deq.double()
+    s = src.double()
+    if d.shape != s.shape:
+        return math.inf, -1.0
+    if mode == "channel_rescaled" and s.ndim == 2:
+        # Alternating least squares for d ~ diag(r) @ s @ diag(c): smoothing scales input
+        # channels (folded into the previous norm) and output channels (of the previous linear).
+        r = torch.ones(s.shape[0], 1, dtype=s.dtype)
+        c = torch.ones(1, s.shape[1], dtype=s.dtype)
+        for _ in range(4):
+            rs = r * s
+            c = (d * rs).sum(0, keepdim=True) / (rs * rs).sum(0, keepdim=True).clamp_min(1e-30)
+            sc = s * c
+            r = (d * sc).sum(1, keepdim=True) / (sc * sc).sum(1, keepdim=True).clamp_min(1e-30)
+        s = r * s * c
+    diff = torch.linalg.vector_norm(d - s)
+    norm = torch.linalg.vector_norm(s).clamp_min(1e-30)
+    cos = torch.nn.functional.cosine_similarity(d.flatten(), s.flatten(), dim=0)
+    rel = float(diff / norm)
+    return (rel if math.isfinite(rel) else math.inf), (float(cos) if math.isfinite(float(cos)) else -1.0)
+
+
+def iter_dequantized(output_dir: Path, stack: ExitStack) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(module, dequantized weight)`` for every quantized module of ``output_dir``, one at a time."""
+    cfg = json.loads((output_dir / "config.json").read_text())
+    qconfig = cfg.get("quantization_config")
+    if not qconfig:
+        raise ValueError(f"{output_dir}/config.json has no quantization_config")
+    reader = _Reader(output_dir, stack)
+    method = qconfig.get("quant_method")
+    groups = _modules(list(reader.map))
+    if method == "compressed-tensors":
+        decode = _ct_decoder(qconfig)
+        for module, locals_ in sorted(groups.items()):
+            if "weight_scale" not in locals_:
+                continue
+            local = {name: reader.get(f"{module}.{name}") for name in locals_}
+            yield module, decode(local)
+    elif method == "bitsandbytes":
+        decode_bnb = _bnb_decoder(reader, qconfig)
+        for module in sorted(groups):
+            prefix = f"{module}.weight."
+            if f"{module}.SCB" in reader.map or any(k.startswith(prefix) for k in reader.map):
+                yield module, decode_bnb(module)
+    else:
+        raise ValueError(f"cannot verify quant_method {method!r}")
+
+
+def compare_checkpoints(
+    source_dir: Path, output_dir: Path, *, mode: Mode = "direct", keep_per_tensor: bool = False
+) -> TensorFigures:
+    """Streamed figures: relative L2 error and cosine of every dequantized weight vs its source.
+
+    Unquantized tensors present in both checkpoints (embeddings, norms, lm_head) are compared
+    too; they should match up to a dtype cast. With smoothing (``channel_rescaled``)
+    norms are rescaled by design and skipped.
+    """
+    figures = TensorFigures(mode=mode)
+    total_rel = 0.0
+    with ExitStack() as stack:
+        source = _Reader(source_dir, stack)
+        output = _Reader(output_dir, stack)
+        quantized: set[str] = set()
+        for module, deq in iter_dequantized(output_dir, stack):
+            quantized.add(module)
+            name = f"{module}.weight"
+            if name not in source.map:
+                raise ValueError(f"{name} is in the output but not in the source checkpoint")
+            rel, cos = _compare(deq, source.get(name), mode)
+            figures.quantized_tensors += 1
+            total_rel += rel
+            if keep_per_tensor:
+                figures.per_tensor[name] = {"rel_error": rel, "cosine": cos}
+            if rel >= figures.max_rel_error:
+                figures.max_rel_error, figures.worst_tensor = rel, name
+            figures.min_cosine = min(figures.min_cosine, cos)
+        for name in output.map:
+            module, _, local = name.rpartition(".")
+            if module in quantized or local in _QUANT_SUFFIXES or name not in source.map:
+                continue
+            if module.split(".")[-1] == "weight" or ".weight." in name:
+                continue  # bitsandbytes quant-state entries
+            if mode == "channel_rescaled" and "norm" in module:
+                continue
+            out_t, src_t = output.get(name), source.get(name)
+            if not out_t.is_floating_point() or out_t.shape != src_t.shape:
+                continue
+            rel, _ = _compare(out_t, src_t, "direct")
+            figures.unquantized_tensors += 1
+            if rel >= figures.unquantized_max_rel_error:
+                figures.unquantized_max_rel_error, figures.unquantized_worst_tensor = rel, name
+    if figures.quantized_tensors:
+        figures.mean_rel_error = total_rel / figures.quantized_tensors
+    return figures

@@ -1,0 +1,116 @@
+"""The verification gate fails corrupted output (both directions tested) and publishes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from pydantic import BaseModel
+from safetensors.torch import load_file, save_file
+
+from optjob.errors import VerificationFailed
+from optjob.pipeline.stage import StageContext, technique_for
+from optjob.targets.catalog import instance
+from optjob.techniques.quantize import engines, streaming
+from optjob.techniques.quantize.params import parse_params
+from optjob.testing import build_tiny_llama
+from optjob.verify.gate import evaluate, run_gate, thresholds_for
+from optjob.verify.tensors import compare_checkpoints
+
+
+class _Config(BaseModel):
+    Image: str | None = None
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "m")
+
+
+@pytest.fixture(scope="module")
+def fp8_out(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fp8") / "out"
+    streaming.quantize_checkpoint(tiny, out, preset="FP8_DYNAMIC", ignore=["lm_head"])
+    return out
+
+
+def _perturb(model_dir, name, fn):
+    path = model_dir / "model.safetensors"
+    tensors = load_file(path)
+    tensors[name] = fn(tensors[name])
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_correct_output_passes_with_figures(tiny, fp8_out):
+    report = run_gate(tiny, fp8_out, "fp8_dynamic")
+    assert report.passed and report.e2e["top1_agreement"] > 0.9
+    assert report.per_tensor["max_rel_error"] < 0.06 and report.per_tensor["min_cosine"] > 0.998
+
+
+def test_perturbed_scale_is_caught(tiny, fp8_out, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in fp8_out.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    _perturb(bad, "model.layers.2.mlp.down_proj.weight_scale", lambda t: t * 1.5)
+    with pytest.raises(VerificationFailed) as info:
+        run_gate(tiny, bad, "fp8_dynamic", e2e=False)
+    text = str(info.value)
+    assert "model.layers.2.mlp.down_proj.weight" in text and "max_rel_error=" in text and len(text) <= 1024
+
+
+def test_changed_unquantized_tensor_is_caught(tiny, fp8_out, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in fp8_out.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    _perturb(bad, "model.embed_tokens.weight", lambda t: t + 0.05 * torch.randn_like(t.float()).to(t.dtype))
+    with pytest.raises(VerificationFailed, match="unquantized tensor changed.*embed_tokens"):
+        run_gate(tiny, bad, "fp8_dynamic", e2e=False)
+
+
+def test_nf4_saved_after_forward_is_caught(tiny, tmp_path):
+    params = parse_params({"OPTION_QUANTIZE": "nf4", "OPTION_BNB_DOUBLE_QUANT": "false"})
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    engines.bnb_quantize(tiny, good, params, dtype="fp32")
+    engines.bnb_quantize(tiny, bad, params, dtype="fp32", save_after_forward=True)
+    good_fig = compare_checkpoints(tiny, good).as_dict()
+    bad_fig = compare_checkpoints(tiny, bad).as_dict()
+    assert evaluate("nf4", good_fig, None) == []
+    assert any("relative error" in f for f in evaluate("nf4", bad_fig, None))
+    assert bad_fig["min_cosine"] < thresholds_for("nf4")["per_tensor"]["min_cosine"]
+
+
+def test_failed_gate_fails_the_job_and_publishes_nothing(tiny, tmp_path, monkeypatch):
+    original = engines.bnb_quantize
+    monkeypatch.setattr(engines, "bnb_quantize", lambda *a, **k: original(*a, **{**k, "save_after_forward": True}))
+    tech = technique_for("ModelQuantizationConfig")
+    spec = instance("ml.g6.xlarge")
+    stage = tech.plan(_Config(), {"OPTION_QUANTIZE": "nf4", "OPTION_BNB_DOUBLE_QUANT": "false"}, spec, path="p")
+    ctx = StageContext(
+        job_name="t", input_dir=tiny, output_dir=tmp_path / "out", work_dir=tmp_path / "work", target=spec
+    )
+    with pytest.raises(VerificationFailed, match=r"nf4.*Nothing was published"):
+        tech.run(stage, ctx)
+    assert list(ctx.output_dir.iterdir()) == []
+    assert (ctx.work_dir / "rejected-output" / "config.json").is_file()
+
+
+def test_memory_preflight_names_the_numbers(tiny, tmp_path):
+    from optjob.errors import InputError
+
+    tech = technique_for("ModelQuantizationConfig")
+    spec = instance("ml.g5.xlarge").model_copy(update={"memory_gib": 0.001})
+    stage = tech.plan(_Config(), {"OPTION_QUANTIZE": "fp8", "OPTION_FP8_SCHEME": "FP8_DYNAMIC"}, spec, path="p")
+    ctx = StageContext(job_name="t", input_dir=tiny, output_dir=tmp_path / "o", work_dir=tmp_path / "w", target=spec)
+    with pytest.raises(InputError, match=r"does not fit ml.g5.xlarge: weights .* GiB per accelerator"):
+        tech.run(stage, ctx)
+
+
+def test_thresholds_cover_every_scheme():
+    cfg_schemes = {"awq", "gptq", "smoothquant", "fp8", "fp8_dynamic", "fp8_block", "nvfp4", "mxfp4", "nf4", "int8"}
+    from optjob.verify.gate import thresholds_config
+
+    assert cfg_schemes <= set(thresholds_config()["schemes"])
+    assert json.dumps(thresholds_for("awq"))
