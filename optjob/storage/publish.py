@@ -1,0 +1,347 @@
+"""Publish an optimized model to S3OutputLocation: artifacts first, the manifest last.
+
+The prefix itself is the model directory, uncompressed, as the SageMaker SDK deploys it
+(``S3DataType=S3Prefix``, ``CompressionType=None``). S3 has no atomic multi-object write, so
+completeness is a convention: ``optjob-manifest.json`` is written only after every artifact is in
+place, and a consumer treats a prefix as complete only when it exists. A failed or stopped publish
+therefore writes no manifest, aborts its multipart uploads and deletes what it uploaded; a prefix
+holding another job's manifest (or objects of unknown origin) is refused unless ``overwrite``, and
+an overwrite removes the old manifest *first* so the prefix never claims to be a mix of two jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from optjob.errors import InputError
+from optjob.pipeline.cancel import CancelToken
+from optjob.pipeline.events import NULL_SINK, EventSink
+from optjob.storage.hashing import sha256_file, sha256_files
+from optjob.storage.layout import (
+    MANIFEST_FORMAT_VERSION,
+    MANIFEST_NAME,
+    RESERVED_NAMES,
+    SHA256_METADATA,
+)
+from optjob.storage.s3 import MiB, S3Client, S3Settings, make_client, storage_error
+from optjob.storage.transfer import TransferTask, run_transfers
+from optjob.storage.uri import S3Location, parse_s3_uri
+
+STAGE = "upload"
+_VERSIONED_LIBRARIES = ("optjob", "torch", "transformers", "safetensors", "boto3", "botocore")
+
+
+class ManifestFile(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    size: int
+    sha256: str
+
+
+class OutputManifest(BaseModel):
+    """``optjob-manifest.json``. The caller's fields (source URI and ETags, techniques with resolved
+    parameters, metrics) are kept as given; publish adds the files, versions and timings."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format_version: int = MANIFEST_FORMAT_VERSION
+    job_name: str
+    job_arn: str
+    output_uri: str
+    files: list[ManifestFile]
+    total_bytes: int
+    library_versions: dict[str, str]
+    timings: dict[str, Any]
+    published_at: str
+
+
+class PublishResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    output_uri: str
+    manifest_uri: str
+    files: list[ManifestFile]
+    total_bytes: int
+    manifest: dict[str, Any]
+    replaced_job_arn: str | None = None
+
+
+def sse_args(kms_key_id: str | None) -> dict[str, str]:
+    """Request parameters for SSE-KMS with OutputConfig.KmsKeyId (none without a key)."""
+    return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms_key_id} if kms_key_id else {}
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in _VERSIONED_LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _local_files(local_dir: Path) -> list[tuple[str, Path]]:
+    """Every file of the output, refusing links and special files: what we publish is exactly what
+    the manifest lists, and a link could publish something from outside the output directory."""
+    if not local_dir.is_dir():
+        raise ValueError(f"publish_model needs a directory, and {local_dir} is not one")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(local_dir):
+        for name in [*dirnames, *filenames]:
+            path = Path(dirpath) / name
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode) or not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                raise ValueError(f"{path} is a link or special file; only regular files are published")
+        for name in filenames:
+            path = Path(dirpath) / name
+            found.append((path.relative_to(local_dir).as_posix(), path))
+    if not found:
+        raise ValueError(f"{local_dir} is empty; there is nothing to publish")
+    reserved = sorted(rel for rel, _ in found if rel in RESERVED_NAMES)
+    if reserved:
+        raise ValueError(f"{local_dir} holds {reserved[0]}, a name publish writes itself")
+    return sorted(found)
+
+
+def _list_keys(client: S3Client, location: S3Location) -> list[str]:
+    try:
+        paginator = client.get_paginator("list_objects_v2")
+        pages = paginator.paginate(Bucket=location.bucket, Prefix=location.prefix)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+    except Exception as exc:
+        raise storage_error(exc, "list", location.uri) from exc
+
+
+def get_json(uri: str, *, settings: S3Settings | None = None, client: S3Client | None = None) -> Any | None:
+    """The JSON object at ``uri``, or None when there is no such object."""
+    location = parse_s3_uri(uri)
+    client = client or make_client(settings)
+    try:
+        body = client.get_object(Bucket=location.bucket, Key=location.key)["Body"].read()
+    except client.exceptions.NoSuchKey:
+        return None
+    except Exception as exc:
+        raise storage_error(exc, "read", uri) from exc
+    return json.loads(body)
+
+
+def put_json(
+    uri: str,
+    obj: Any,
+    *,
+    kms_key_id: str | None = None,
+    settings: S3Settings | None = None,
+    client: S3Client | None = None,
+) -> str:
+    """Write ``obj`` as one JSON object (a single PUT: readers see all of it or none); returns the ETag."""
+    location = parse_s3_uri(uri)
+    client = client or make_client(settings)
+    body = json.dumps(obj, indent=2, sort_keys=True).encode()
+    try:
+        response = client.put_object(
+            Bucket=location.bucket, Key=location.key, Body=body,
+            ContentType="application/json", **sse_args(kms_key_id),
+        )  # fmt: skip
+    except Exception as exc:
+        raise storage_error(exc, "write", uri) from exc
+    return str(response["ETag"])
+
+
+def read_manifest(
+    output_uri: str, *, settings: S3Settings | None = None, client: S3Client | None = None
+) -> dict[str, Any] | None:
+    """The manifest of a published prefix; None means the prefix is not (or not yet) complete."""
+    location = parse_s3_uri(output_uri)
+    return get_json(location.child(MANIFEST_NAME).uri, settings=settings, client=client)
+
+
+def publish_file(
+    local_path: Path | str,
+    uri: str,
+    *,
+    kms_key_id: str | None = None,
+    settings: S3Settings | None = None,
+    client: S3Client | None = None,
+    events: EventSink = NULL_SINK,
+    cancel: CancelToken | None = None,
+) -> str:
+    """Upload one file (multipart when large, aborted on failure) with its sha256; returns the sha256."""
+    location = parse_s3_uri(uri)
+    settings = settings or S3Settings()
+    client = client or make_client(settings)
+    cancel = cancel or CancelToken()
+    path = Path(local_path)
+    digest = sha256_file(path, cancel)
+    extra = {"Metadata": {SHA256_METADATA: digest}, **sse_args(kms_key_id)}
+    task = TransferTask(location.bucket, location.key, path, path.stat().st_size, extra)
+    run_transfers(client, settings, [task], direction="upload", events=events, cancel=cancel, stage=STAGE)
+    return digest
+
+
+def _delete_keys(client: S3Client, bucket: str, keys: set[str]) -> None:
+    ordered = sorted(keys)
+    for start in range(0, len(ordered), 1000):
+        batch = [{"Key": key} for key in ordered[start : start + 1000]]
+        response = client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+        errors = response.get("Errors") or []
+        if errors:
+            raise RuntimeError(f"could not delete s3://{bucket}/{errors[0].get('Key')}: {errors[0].get('Message')}")
+
+
+def _rollback(client: S3Client, location: S3Location, keys: set[str], events: EventSink) -> None:
+    """Undo a failed publish: abort our multipart uploads and delete what we wrote. Best effort:
+    if S3 is unreachable now too, say so; the missing manifest still marks the prefix incomplete."""
+    try:
+        uploads = client.list_multipart_uploads(Bucket=location.bucket, Prefix=location.prefix)
+        for upload in uploads.get("Uploads", []):
+            if upload["Key"] in keys:
+                client.abort_multipart_upload(Bucket=location.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        _delete_keys(client, location.bucket, keys)
+    except Exception as exc:
+        events.warning(
+            STAGE,
+            f"could not clean up {location.uri} after the failed publish ({type(exc).__name__}: {exc}); "
+            f"it holds no {MANIFEST_NAME}, so it is not a complete model. Delete it by hand.",
+        )
+    else:
+        events(STAGE, "rollback", None, f"removed {len(keys)} objects and aborted multipart uploads")
+
+
+def _existing_owner(client: S3Client, location: S3Location, keys: list[str]) -> dict[str, Any] | None:
+    manifest_key = location.child(MANIFEST_NAME).key
+    if manifest_key not in keys:
+        return None
+    try:
+        existing = get_json(location.child(MANIFEST_NAME).uri, client=client)
+    except ValueError:  # unreadable manifest: still someone's claim on the prefix
+        existing = {}
+    return existing if isinstance(existing, dict) else {}
+
+
+def _check_destination(
+    location: S3Location, keys: list[str], existing: dict[str, Any] | None, job_arn: str, overwrite: bool
+) -> None:
+    if overwrite:
+        return
+    if existing is not None and existing.get("job_arn") != job_arn:
+        owner = existing.get("job_name") or existing.get("job_arn") or "an unknown job"
+        raise InputError(
+            f"OutputConfig.S3OutputLocation {location.uri} already holds the published model of job "
+            f"{owner} ({existing.get('job_arn', 'no ARN')}); it is not overwritten. Choose another "
+            "S3OutputLocation, delete that prefix, or allow overwriting."
+        )
+    foreign = [key for key in keys if key[len(location.prefix) :] not in RESERVED_NAMES]
+    if existing is None and foreign:
+        raise InputError(
+            f"OutputConfig.S3OutputLocation {location.uri} already holds {len(foreign)} object(s) "
+            f"(e.g. {foreign[0]}) that no optjob job published. Choose an empty prefix, or allow overwriting."
+        )
+
+
+def publish_model(
+    local_dir: Path | str,
+    output_uri: str,
+    *,
+    manifest: dict[str, Any],
+    kms_key_id: str | None,
+    settings: S3Settings | None = None,
+    events: EventSink = NULL_SINK,
+    cancel: CancelToken | None = None,
+    overwrite: bool = False,
+    client: S3Client | None = None,
+) -> PublishResult:
+    """Upload ``local_dir`` as the model directory at ``output_uri``, then its manifest.
+
+    ``manifest`` must carry ``job_name`` and ``job_arn`` (they decide whose prefix this is) and may
+    carry anything JSON-serialisable (source, techniques, metrics, timings). Raises InputError for a
+    prefix owned by another job, the translated storage error or JobCancelled otherwise; after any
+    failure no manifest exists and the uploaded objects have been removed.
+    """
+    started = time.time()
+    location = parse_s3_uri(output_uri)
+    settings = settings or S3Settings()
+    cancel = cancel or CancelToken()
+    client = client or make_client(settings)
+    job_arn, job_name = manifest.get("job_arn"), manifest.get("job_name")
+    if not isinstance(job_arn, str) or not isinstance(job_name, str):
+        raise ValueError("the manifest must name the job: job_name and job_arn (strings)")
+    json.dumps(manifest)  # fail before uploading gigabytes if the caller's fields cannot be written
+    files = _local_files(Path(local_dir))
+    existing_keys = _list_keys(client, location)
+    existing = _existing_owner(client, location, existing_keys)
+    _check_destination(location, existing_keys, existing, job_arn, overwrite)
+    manifest_key = location.child(MANIFEST_NAME).key
+    if existing is not None:
+        events(STAGE, "replace", None, f"replacing the model of {existing.get('job_name', 'a previous job')}")
+        try:
+            client.delete_object(Bucket=location.bucket, Key=manifest_key)  # incomplete from here on
+        except Exception as exc:
+            raise storage_error(exc, "delete", location.child(MANIFEST_NAME).uri) from exc
+
+    events(STAGE, "hash", 0.0, f"computing sha256 of {len(files)} files")
+    digests = sha256_files([path for _, path in files], workers=settings.max_concurrency, cancel=cancel)
+    hashed = time.time()
+    base_args = sse_args(kms_key_id)
+    tasks = [
+        TransferTask(location.bucket, location.child(rel).key, path, path.stat().st_size,
+                     {"Metadata": {SHA256_METADATA: digest}, **base_args})
+        for (rel, path), digest in zip(files, digests, strict=True)
+    ]  # fmt: skip
+    new_keys = {task.key for task in tasks}
+    try:
+        run_transfers(client, settings, tasks, direction="upload", events=events, cancel=cancel, stage=STAGE)
+        cancel.raise_if_cancelled()
+        stale = [key for key in existing_keys
+                 if key not in new_keys and key[len(location.prefix):] not in RESERVED_NAMES]  # fmt: skip
+        if stale:  # the replaced job's files that this output does not have
+            events(STAGE, "replace", None, f"removing {len(stale)} files of the replaced model")
+            try:
+                _delete_keys(client, location.bucket, set(stale))
+            except Exception as exc:
+                raise storage_error(exc, "delete old files under", location.uri) from exc
+        listed = [ManifestFile(path=rel, size=task.size, sha256=digest)
+                  for (rel, _), task, digest in zip(files, tasks, digests, strict=True)]  # fmt: skip
+        finished = time.time()
+        document = OutputManifest.model_validate(
+            {
+                **manifest,
+                "format_version": MANIFEST_FORMAT_VERSION,
+                "output_uri": location.uri,
+                "files": [item.model_dump() for item in listed],
+                "total_bytes": sum(item.size for item in listed),
+                "library_versions": {**library_versions(), **manifest.get("library_versions", {})},
+                "timings": {
+                    **manifest.get("timings", {}),
+                    "publish_started": started,
+                    "publish_hash_seconds": round(hashed - started, 3),
+                    "publish_upload_seconds": round(finished - hashed, 3),
+                },
+                "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+        ).model_dump(mode="json")
+        cancel.raise_if_cancelled()
+        put_json(location.child(MANIFEST_NAME).uri, document, kms_key_id=kms_key_id, client=client)
+    except BaseException:
+        _rollback(client, location, new_keys | {manifest_key}, events)
+        raise
+    total = document["total_bytes"]
+    events(STAGE, "done", 1.0, f"published {len(listed)} files ({total / MiB:.1f} MiB) to {location.uri}")
+    return PublishResult(
+        output_uri=location.uri,
+        manifest_uri=location.child(MANIFEST_NAME).uri,
+        files=listed,
+        total_bytes=total,
+        manifest=document,
+        replaced_job_arn=existing.get("job_arn") if existing else None,
+    )
