@@ -1,0 +1,315 @@
+"""Durable job records: one SQLite database (WAL) per data directory, shared by every process.
+
+The CLI, the HTTP server, the executor and each worker open the same file at once, so every
+state change is a compare-and-set inside ``BEGIN IMMEDIATE``: ``transition`` only moves a job
+whose status is still one the caller expected. That is what makes a Stop racing a completion,
+or two executors racing for one queued job, safe without any lock beyond SQLite's own.
+
+The schema carries a version (``PRAGMA user_version``); a database written by a newer optjob is
+refused rather than misread. Times are epoch seconds rounded to milliseconds, the precision the
+API returns, so filters on List compare exactly what Describe shows.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from optjob.api.shapes import TERMINAL_STATUSES
+
+SCHEMA_VERSION = 1
+ACTIVE_STATUSES: tuple[str, ...] = ("STARTING", "INPROGRESS", "STOPPING")
+FINAL_STATUSES: tuple[str, ...] = tuple(sorted(TERMINAL_STATUSES))
+
+_SCHEMA = """
+CREATE TABLE jobs (
+    name               TEXT PRIMARY KEY,
+    arn                TEXT NOT NULL,
+    status             TEXT NOT NULL,
+    creation_time      REAL NOT NULL,
+    last_modified_time REAL NOT NULL,
+    start_time         REAL,
+    end_time           REAL,
+    failure_reason     TEXT,
+    output_image       TEXT,
+    instance_type      TEXT NOT NULL,
+    max_instance_count INTEGER,
+    optimization_types TEXT NOT NULL,       -- '|Quantization|Compilation|': substring-searchable
+    max_runtime_s      REAL,
+    max_pending_s      REAL,
+    request_json       TEXT NOT NULL,
+    plan_json          TEXT NOT NULL,
+    tags_json          TEXT NOT NULL,
+    log_path           TEXT NOT NULL,
+    worker_pid         INTEGER,
+    worker_ctime       REAL,                -- the worker's start time, to tell a reused pid apart
+    stop_reason        TEXT,                -- 'user' (StopOptimizationJob) or 'timeout'
+    stop_requested_at  REAL,
+    last_event_json    TEXT
+);
+CREATE INDEX jobs_by_creation ON jobs (creation_time, name);
+CREATE INDEX jobs_by_status ON jobs (status, name);
+CREATE INDEX jobs_by_modified ON jobs (last_modified_time);
+CREATE TABLE models (
+    name          TEXT PRIMARY KEY,
+    s3_uri        TEXT NOT NULL,
+    creation_time REAL NOT NULL
+);
+"""
+
+
+class StoreError(Exception):
+    """The database cannot be used (e.g. written by a newer optjob)."""
+
+
+class DuplicateJob(StoreError):
+    """A job with this name already exists."""
+
+
+class TooManyActiveJobs(StoreError):
+    """Creating the job would exceed the limit on non-terminal jobs."""
+
+
+def now_ms(clock: float | None = None) -> float:
+    """Epoch seconds at millisecond precision, the resolution the API exposes."""
+    return round(time.time() if clock is None else clock, 3)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One row of ``jobs``, typed. ``request_json``/``plan_json`` stay text until needed."""
+
+    name: str
+    arn: str
+    status: str
+    creation_time: float
+    last_modified_time: float
+    start_time: float | None
+    end_time: float | None
+    failure_reason: str | None
+    output_image: str | None
+    instance_type: str
+    max_instance_count: int | None
+    optimization_types: str
+    max_runtime_s: float | None
+    max_pending_s: float | None
+    request_json: str
+    plan_json: str
+    tags_json: str
+    log_path: str
+    worker_pid: int | None
+    worker_ctime: float | None
+    stop_reason: str | None
+    stop_requested_at: float | None
+    last_event_json: str | None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    @property
+    def types(self) -> list[str]:
+        return [t for t in self.optimization_types.split("|") if t]
+
+    @property
+    def last_event(self) -> dict[str, Any] | None:
+        return json.loads(self.last_event_json) if self.last_event_json else None
+
+    @property
+    def tags(self) -> list[dict[str, str]]:
+        return json.loads(self.tags_json)
+
+
+JOB_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(JobRecord))
+_UPDATABLE = frozenset(JOB_COLUMNS) - {"name", "arn", "creation_time", "request_json", "plan_json"}
+
+
+def encode_types(types: Iterable[str]) -> str:
+    return "|" + "|".join(types) + "|"
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    name: str
+    s3_uri: str
+    creation_time: float
+
+
+class Store:
+    """The jobs database. Safe to share between threads: each thread gets its own connection."""
+
+    def __init__(self, db_path: Path, *, busy_timeout_s: float = 30.0) -> None:
+        self.db_path = Path(db_path)
+        self._busy_timeout_s = busy_timeout_s
+        self._local = threading.local()
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._migrate()
+
+    # --- connections and transactions ----------------------------------------------------
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.db_path, timeout=self._busy_timeout_s, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_s * 1000)}")
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE``: takes the write lock up front so read-then-write cannot interleave."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self.transaction() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.db_path} has schema version {version}, newer than this optjob "
+                    f"understands ({SCHEMA_VERSION}); upgrade optjob or use another OPTJOB_HOME"
+                )
+            if version == 0:
+                # executescript would COMMIT our transaction; run the statements one by one.
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    # --- jobs ----------------------------------------------------------------------------
+
+    def create_job(self, record: JobRecord, *, max_active: int) -> None:
+        """Insert a new job; raises DuplicateJob or TooManyActiveJobs without inserting."""
+        with self.transaction() as conn:
+            if conn.execute("SELECT 1 FROM jobs WHERE name = ?", (record.name,)).fetchone():
+                raise DuplicateJob(record.name)
+            active = conn.execute(
+                f"SELECT COUNT(*) FROM jobs WHERE status IN ({_marks(ACTIVE_STATUSES)})", ACTIVE_STATUSES
+            ).fetchone()[0]
+            if active >= max_active:
+                raise TooManyActiveJobs(str(active))
+            values = [getattr(record, column) for column in JOB_COLUMNS]
+            conn.execute(f"INSERT INTO jobs ({', '.join(JOB_COLUMNS)}) VALUES ({_marks(JOB_COLUMNS)})", values)
+
+    def get(self, name: str) -> JobRecord | None:
+        row = self._conn.execute("SELECT * FROM jobs WHERE name = ?", (name,)).fetchone()
+        return _record(row) if row else None
+
+    def active(self) -> list[JobRecord]:
+        """Every non-terminal job, oldest first (the executor's queue order)."""
+        rows = self._conn.execute(
+            f"SELECT * FROM jobs WHERE status IN ({_marks(ACTIVE_STATUSES)}) ORDER BY creation_time, name",
+            ACTIVE_STATUSES,
+        ).fetchall()
+        return [_record(row) for row in rows]
+
+    def transition(
+        self,
+        name: str,
+        *,
+        expect: Sequence[str],
+        to: str | None = None,
+        now: float | None = None,
+        where_pid: tuple[int | None, ...] | None = None,
+        **changes: Any,
+    ) -> bool:
+        """Compare-and-set: apply ``changes`` (and ``status=to``) only if the status is in ``expect``.
+
+        ``where_pid`` additionally requires ``worker_pid`` to be one of the given values (``None``
+        meaning unset), so a worker can claim a job only if no other worker owns it. A status
+        change bumps LastModifiedTime; entering a terminal status sets OptimizationEndTime.
+        Returns whether the row changed.
+        """
+        unknown = set(changes) - _UPDATABLE
+        if unknown:
+            raise ValueError(f"not updatable: {sorted(unknown)}")
+        moment = now_ms(now)
+        if to is not None:
+            changes["status"] = to
+            changes["last_modified_time"] = moment
+            if to in TERMINAL_STATUSES:
+                changes.setdefault("end_time", moment)
+        if not changes:
+            return False
+        sets = ", ".join(f"{column} = ?" for column in changes)
+        where = f"name = ? AND status IN ({_marks(expect)})"
+        params: list[Any] = [*changes.values(), name, *expect]
+        if where_pid is not None:
+            pids = [p for p in where_pid if p is not None]
+            clauses = ["worker_pid IS NULL"] if None in where_pid else []
+            if pids:
+                clauses.append(f"worker_pid IN ({_marks(pids)})")
+            where += f" AND ({' OR '.join(clauses)})"
+            params.extend(pids)
+        with self.transaction() as conn:
+            return conn.execute(f"UPDATE jobs SET {sets} WHERE {where}", params).rowcount == 1
+
+    def record_event(self, name: str, event: dict[str, Any]) -> None:
+        """Keep the latest progress event; it is not a change of the job, so LastModifiedTime stays."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE jobs SET last_event_json = ? WHERE name = ?", (json.dumps(event), name))
+
+    def delete_terminal(self, name: str) -> str:
+        """Delete a terminal job: returns ``deleted``, ``missing`` or the status that forbade it."""
+        with self.transaction() as conn:
+            row = conn.execute("SELECT status FROM jobs WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                return "missing"
+            if row["status"] not in TERMINAL_STATUSES:
+                return row["status"]
+            conn.execute("DELETE FROM jobs WHERE name = ?", (name,))
+            return "deleted"
+
+    def select(self, where: str, params: Sequence[Any], order_by: str, limit: int) -> list[JobRecord]:
+        """Rows for List; ``where`` and ``order_by`` are built by ``optjob.jobs.listing`` only."""
+        sql = f"SELECT * FROM jobs WHERE {where or '1'} ORDER BY {order_by} LIMIT ?"
+        return [_record(row) for row in self._conn.execute(sql, [*params, limit]).fetchall()]
+
+    # --- the model registry (ModelSource.SageMakerModel / OutputConfig.SageMakerModel) ---
+
+    def register_model(self, name: str, s3_uri: str, *, now: float | None = None) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO models (name, s3_uri, creation_time) VALUES (?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET s3_uri = excluded.s3_uri",
+                (name, s3_uri, now_ms(now)),
+            )
+
+    def get_model(self, name: str) -> ModelRecord | None:
+        row = self._conn.execute("SELECT * FROM models WHERE name = ?", (name,)).fetchone()
+        return ModelRecord(**dict(row)) if row else None
+
+    def list_models(self) -> list[ModelRecord]:
+        rows = self._conn.execute("SELECT * FROM models ORDER BY name").fetchall()
+        return [ModelRecord(**dict(row)) for row in rows]
+
+
+def _marks(items: Sequence[Any]) -> str:
+    return ", ".join("?" for _ in items)
+
+
+def _record(row: sqlite3.Row) -> JobRecord:
+    return JobRecord(**{column: row[column] for column in JOB_COLUMNS})

@@ -1,0 +1,178 @@
+"""``python -m optjob.jobs.worker NAME``: one job, in its own OS process, start to terminal status.
+
+The executor spawns this; it may also outlive the executor (it runs in its own session), so it
+records its own result in the store and needs nobody watching to finish correctly. It claims
+the job with a compare-and-set (STARTING -> INPROGRESS with its pid), so two workers for one job
+cannot both run it, and every final write is a compare-and-set too: if a Stop races the end of
+the work, exactly one outcome lands.
+
+SIGTERM (Stop or MaxRuntimeInSeconds, sent by the executor) sets the pipeline's CancelToken; the
+pipeline raises JobCancelled at its next check and removes its scratch directory. The executor
+sends SIGKILL if that takes longer than the grace period.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+
+from optjob.errors import JobCancelled, JobFailed
+from optjob.jobs.logs import JobLog
+from optjob.jobs.outcomes import clip_reason, end_stopping, fail, interrupted_reason
+from optjob.jobs.store import Store, now_ms
+from optjob.pipeline.cancel import CancelToken
+from optjob.pipeline.events import Event, EventSink
+from optjob.pipeline.plan import Plan
+from optjob.pipeline.run import RunOutcome
+from optjob.settings import Settings, load_settings
+from optjob.storage.s3 import S3Settings
+
+# "module:function" with run_plan's signature. The default is the real pipeline; the seam lets
+# tests drive a real worker process to COMPLETED before every pipeline stage exists, and lets
+# an operator wrap the pipeline (e.g. with a sandbox) without forking optjob.
+PIPELINE_ENV = "OPTJOB_PIPELINE"
+DEFAULT_PIPELINE = "optjob.pipeline.run:run_plan"
+
+EXIT_COMPLETED, EXIT_INPUT, EXIT_INFRASTRUCTURE, EXIT_INTERNAL, EXIT_STOPPED, EXIT_NOT_OURS = 0, 1, 2, 3, 4, 5
+_EVENT_STORE_INTERVAL_S = 1.0
+
+
+def process_ctime(pid: int) -> float | None:
+    """A process's start time, which with the pid identifies it even after the pid is reused."""
+    try:
+        return round(psutil.Process(pid).create_time(), 2)
+    except psutil.Error:
+        return None
+
+
+def load_pipeline() -> Callable[..., RunOutcome]:
+    module_name, _, attr = (os.environ.get(PIPELINE_ENV) or DEFAULT_PIPELINE).partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+class Worker:
+    def __init__(self, settings: Settings, store: Store, name: str, cancel: CancelToken) -> None:
+        self.settings = settings
+        self.store = store
+        self.name = name
+        self.cancel = cancel
+        self.pid = os.getpid()
+        self.log: JobLog | None = None
+        self._last_stored: tuple[float, str, str] = (0.0, "", "")
+
+    def run(self) -> int:
+        record = self.store.get(self.name)
+        if record is None:
+            return EXIT_NOT_OURS  # deleted before it started
+        self.log = JobLog(record.log_path)
+        if not self._claim():
+            return self._not_claimed()
+        self.log.write("lifecycle", "INPROGRESS", f"worker pid {self.pid} started")
+        try:
+            pipeline = load_pipeline()
+            outcome = pipeline(
+                Plan.model_validate_json(record.plan_json),
+                work_dir=self.settings.work_root / self.name,
+                job_arn=record.arn,
+                events=EventSink(self._on_event),
+                cancel=self.cancel,
+                storage=S3Settings(cache_dir=self.settings.cache_dir),
+            )
+        except JobCancelled:
+            return self._cancelled()
+        except JobFailed as exc:
+            self._fail(str(exc), category=exc.category)
+            return EXIT_INPUT if exc.category == "input" else EXIT_INFRASTRUCTURE
+        except Exception as exc:  # noqa: BLE001 - any bug must still end the job FAILED, with a reason
+            self.log.write(
+                "worker", "error", f"{type(exc).__name__}: {exc}", level="error", traceback=traceback.format_exc()
+            )
+            self._fail(f"internal error: {type(exc).__name__}: {exc}", category="internal")
+            return EXIT_INTERNAL
+        return self._complete(outcome)
+
+    # --- claiming ------------------------------------------------------------------------
+
+    def _claim(self) -> bool:
+        return self.store.transition(
+            self.name,
+            expect=("STARTING",),
+            to="INPROGRESS",
+            start_time=now_ms(),
+            worker_pid=self.pid,
+            worker_ctime=process_ctime(self.pid),
+            where_pid=(None, self.pid),
+        )
+
+    def _not_claimed(self) -> int:
+        record = self.store.get(self.name)
+        if record is not None and record.status == "STOPPING" and record.worker_pid in (None, self.pid):
+            return self._cancelled()  # stopped before it started: nothing ran, nothing to clean
+        return EXIT_NOT_OURS  # another worker owns it, or it already ended
+
+    # --- outcomes ------------------------------------------------------------------------
+
+    def _complete(self, outcome: RunOutcome) -> int:
+        # A Stop that arrives after the work was published loses: the output exists, so say so.
+        done = self.store.transition(
+            self.name, expect=("INPROGRESS", "STOPPING"), to="COMPLETED", output_image=outcome.recommended_image
+        )
+        if done:
+            self._write("lifecycle", "COMPLETED", "published " + ", ".join(outcome.published or ["(nothing)"]))
+            for warning in outcome.warnings:
+                self._write("worker", "warning", warning, level="warning")
+        return EXIT_COMPLETED
+
+    def _cancelled(self) -> int:
+        record = self.store.get(self.name)
+        if record is not None and record.status == "INPROGRESS":
+            self._fail(interrupted_reason(), category="infrastructure")  # SIGTERM, but no Stop
+        else:
+            end_stopping(self.store, self.name, "stopped cleanly; partial output discarded")
+        return EXIT_STOPPED
+
+    def _fail(self, reason: str, *, category: str) -> None:
+        """INPROGRESS -> FAILED; if a Stop or timeout got there first, that stop's outcome wins."""
+        if not fail(self.store, self.name, reason, expect=("INPROGRESS",), category=category):
+            end_stopping(self.store, self.name, f"ended while failing: {clip_reason(reason)}")
+
+    # --- plumbing ------------------------------------------------------------------------
+
+    def _on_event(self, event: Event) -> None:
+        self._write_event(event)
+        now = time.monotonic()
+        last_at, last_stage, last_step = self._last_stored
+        if now - last_at >= _EVENT_STORE_INTERVAL_S or (event.stage, event.step) != (last_stage, last_step):
+            self.store.record_event(self.name, event.as_dict())
+            self._last_stored = (now, event.stage, event.step)
+
+    def _write_event(self, event: Event) -> None:
+        if self.log is not None:
+            self.log.event(event)
+
+    def _write(self, stage: str, step: str, message: str, **fields: Any) -> None:
+        if self.log is not None:
+            self.log.write(stage, step, message, **fields)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m optjob.jobs.worker JOB_NAME", file=sys.stderr)
+        return 64
+    settings = load_settings()
+    cancel = CancelToken()
+    signal.signal(signal.SIGTERM, lambda *_: cancel.cancel("stopped"))
+    return Worker(settings, Store(settings.db_path), args[0], cancel).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

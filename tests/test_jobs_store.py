@@ -1,0 +1,66 @@
+"""The store: compare-and-set transitions, and several processes writing one database at once."""
+
+# Fixtures are imported from tests.test_jobs_support, so their parameters shadow the imports.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+from pathlib import Path
+
+from optjob.jobs.service import JobService
+from optjob.jobs.store import Store
+from optjob.settings import Settings, load_settings
+from tests.test_jobs_support import home, make_request, service, settings  # noqa: F401
+
+
+def test_transition_is_compare_and_set(service: JobService) -> None:
+    service.create(make_request("cas"))
+    store = service.store
+    assert not store.transition("cas", expect=("INPROGRESS",), to="COMPLETED")
+    assert store.get("cas").status == "STARTING"
+    assert store.transition("cas", expect=("STARTING",), to="INPROGRESS", now=1_800_000_000.0, worker_pid=42)
+    record = store.get("cas")
+    assert (record.status, record.last_modified_time, record.end_time) == ("INPROGRESS", 1_800_000_000.0, None)
+    # Only the recorded worker (or nobody) may claim it.
+    assert not store.transition("cas", expect=("INPROGRESS",), worker_ctime=1.0, where_pid=(None, 7))
+    assert store.transition("cas", expect=("INPROGRESS",), worker_ctime=1.0, where_pid=(None, 42))
+    assert store.transition("cas", expect=("INPROGRESS",), to="FAILED", now=1_800_000_005.0, failure_reason="x")
+    record = store.get("cas")
+    assert (record.end_time, record.last_modified_time) == (1_800_000_005.0, 1_800_000_005.0)
+
+
+def test_wal_mode_and_schema_version(settings: Settings) -> None:
+    Store(settings.db_path)
+    conn = sqlite3.connect(settings.db_path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+
+
+def _hammer(home: str, worker: int, results: multiprocessing.Queue) -> None:  # runs in a child process
+    import os
+
+    os.environ["OPTJOB_HOME"] = home
+    service = JobService(load_settings(max_active_jobs=1000), start_executor=False)
+    for index in range(20):
+        service.create(make_request(f"w{worker}-{index}"))
+    won = service.store.transition("contended", expect=("STARTING",), to="INPROGRESS", worker_pid=worker)
+    results.put((worker, won))
+
+
+def test_processes_write_concurrently_and_one_claim_wins(home: Path, service: JobService) -> None:
+    service.create(make_request("contended"))
+    context = multiprocessing.get_context("spawn")
+    results: multiprocessing.Queue = context.Queue()
+    workers = [context.Process(target=_hammer, args=(str(home), n, results)) for n in range(4)]
+    for process in workers:
+        process.start()
+    for process in workers:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    outcomes = [results.get(timeout=5) for _ in workers]
+    winners = [worker for worker, won in outcomes if won]
+    assert len(winners) == 1
+    assert service.store.get("contended").worker_pid == winners[0]
+    assert len(service.store.active()) == 81
