@@ -53,6 +53,7 @@ def running_server(
         "OPTJOB_HOME": str(home),
         "OPTJOB_AUTH_KEYS": f"{ACCESS_KEY}:{SECRET_KEY}",
         "AWS_REGION": "us-east-1",
+        "OPTJOB_EXECUTOR_IDLE_SECONDS": "2",
         **(extra_env or {}),
     }
     home.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,8 @@ from rich.console import Console
 from optjob.api.app import NO_AUTH_ENV
 from optjob.api.sigv4 import load_keys
 from optjob.cli import app
+from optjob.jobs.daemon import hosted_executor
+from optjob.settings import load_settings
 
 
 @app.command()
@@ -68,11 +70,14 @@ def serve(
         markup=False,
         highlight=False,
     )
-    uvicorn.run(
-        "optjob.api.app:make_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_level=log_level,
-    )
+    # The executor that runs jobs created over HTTP lives in this process (one per OPTJOB_HOME: if a
+    # daemon already holds the executor lock, it keeps running the jobs instead).
+    with hosted_executor(load_settings()):
+        uvicorn.run(
+            "optjob.api.app:make_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level=log_level,
+        )
