@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import BaseModel
 
+from optjob.api.shapes import ModelQuantizationConfig
 from optjob.pipeline.stage import PlanError, technique_for
 from optjob.targets.catalog import instance
 from optjob.techniques.quantize.params import layer_env, option_to_property, parse_params
@@ -12,14 +12,9 @@ from optjob.techniques.quantize.params import layer_env, option_to_property, par
 PATH = "optimizationConfigs.0.modelQuantizationConfig"
 
 
-class _Config(BaseModel):
-    Image: str | None = None
-    OverrideEnvironment: dict[str, str] | None = None
-
-
 def plan(env, target="ml.g6e.xlarge", image=None):
     tech = technique_for("ModelQuantizationConfig")
-    return tech.plan(_Config(Image=image), env, instance(target), path=PATH)
+    return tech.plan(ModelQuantizationConfig(image=image), env, instance(target), path=PATH)
 
 
 def test_layering_precedence():

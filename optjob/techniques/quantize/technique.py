@@ -98,7 +98,7 @@ class QuantizationTechnique(Technique):
                 "rules_applied": decision.applied,
             },
             env=dict(env),
-            image=getattr(config, "Image", None),
+            image=getattr(config, "image", None),
             image_framework="lmi",
             needs=StageNeeds(
                 calibration_data=bool(scheme["calibration"]),
