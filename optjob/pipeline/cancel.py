@@ -14,11 +14,27 @@ from optjob.errors import JobCancelled
 class CancelToken:
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._children: list[CancelToken] = []
+        self._lock = threading.Lock()
         self.reason = ""
 
     def cancel(self, reason: str = "stopped") -> None:
-        self.reason = reason
-        self._event.set()
+        with self._lock:
+            self.reason = self.reason or reason
+            self._event.set()
+            children = list(self._children)
+        for child in children:
+            child.cancel(reason)
+
+    def child(self) -> CancelToken:
+        """A token cancelled with this one that can also be cancelled alone (to end one helper thread)."""
+        token = CancelToken()
+        with self._lock:
+            self._children.append(token)
+            cancelled = self._event.is_set()
+        if cancelled:
+            token.cancel(self.reason)
+        return token
 
     @property
     def cancelled(self) -> bool:

@@ -11,28 +11,21 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import NULL_SINK, EventSink
+from optjob.pipeline.outcome import RunOutcome
 from optjob.pipeline.plan import Plan
 from optjob.pipeline.stage import StageContext, technique_for
+from optjob.pipeline.streaming import run_streaming, streaming_technique
 from optjob.pipeline.transfer import build_manifest, fetch_source, publish_output
 from optjob.storage.s3 import S3Settings
 
 # A deliberately slow first step for lifecycle tests and demos of Stop/timeout: the job sleeps this
 # many seconds (checking for cancellation) before fetching. Never set in production.
 DEBUG_DELAY_ENV = "OPTJOB_DEBUG_DELAY_SECONDS"
-
-
-@dataclass
-class RunOutcome:
-    recommended_image: str | None
-    warnings: list[str] = field(default_factory=list)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    published: list[str] = field(default_factory=list)
 
 
 def debug_delay(events: EventSink, cancel: CancelToken) -> None:
@@ -96,18 +89,24 @@ def run_plan(
 ) -> RunOutcome:
     """The whole job in this process. Raises JobFailed subclasses or JobCancelled.
 
-    Nothing is written to the output location before every stage has finished and verified; the
-    scratch directory (source, intermediate stages) is removed on every exit.
+    Nothing is presented as a finished model before every stage has finished and verified: the
+    manifest is written last, and a failure removes whatever was uploaded. The scratch directory
+    (source, intermediate stages) is removed on every exit.
     """
     cancel = cancel or CancelToken()
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
         debug_delay(events, cancel)
+        if job_arn is None:
+            raise ValueError("run_plan needs the job's ARN to write the manifest")
+        streaming = streaming_technique(plan)
+        if streaming is not None:
+            return run_streaming(
+                plan, streaming, job_arn=job_arn, work_dir=work_dir, events=events, cancel=cancel, storage=storage
+            )
         source = fetch_source(plan, work_dir, settings=storage, events=events, cancel=cancel)
         final_dir, outcome = run_stages(plan, source.path, work_dir, events=events, cancel=cancel)
         cancel.raise_if_cancelled()
-        if job_arn is None:
-            raise ValueError("run_plan needs the job's ARN to write the manifest")
         manifest = build_manifest(plan, job_arn, source, outcome.metrics, outcome.warnings)
         outcome.published = publish_output(plan, final_dir, manifest, settings=storage, events=events, cancel=cancel)
         return outcome

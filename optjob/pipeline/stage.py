@@ -17,7 +17,7 @@ and decorates it with ``register``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -105,6 +105,28 @@ class Technique(ABC):
     @abstractmethod
     def run(self, stage: PlannedStage, ctx: StageContext) -> StageResult:
         """Turn ``ctx.input_dir`` into a complete model directory at ``ctx.output_dir``."""
+
+
+class StreamingTechnique(Technique):
+    """A technique that can work file by file, so download, work and upload overlap.
+
+    When a plan has this one stage and it declares ``whole_model_in_memory=False``, the runner
+    calls ``run_streaming`` instead of ``run``: ``ctx.input_dir`` already holds every non-weight
+    file (config, index, tokenizer); ``weights`` yields each local ``*.safetensors`` file in index
+    order as soon as it has been downloaded and checked; the stage hands every output file that is
+    final to ``on_output`` (the runner uploads it at once) and must still leave the complete,
+    verified directory at ``ctx.output_dir``.
+    """
+
+    @abstractmethod
+    def run_streaming(
+        self,
+        stage: PlannedStage,
+        ctx: StageContext,
+        weights: Iterable[Path],
+        on_output: Callable[[Path], None],
+    ) -> StageResult:
+        """Like ``run``, consuming ``weights`` lazily and reporting final output files."""
 
 
 _REGISTRY: dict[str, type[Technique]] = {}

@@ -165,20 +165,36 @@ def safetensors_header(path: Path, rel: str) -> dict[str, Any]:
     return tensors
 
 
-def _check_index(root: Path, present: set[str], headers: dict[str, dict[str, Any]]) -> None:
-    fix = "Upload every shard the index names, or regenerate the index with save_pretrained."
-    index = _read_json(root / SAFETENSORS_INDEX, SAFETENSORS_INDEX, fix)
+_INDEX_FIX = "Upload every shard the index names, or regenerate the index with save_pretrained."
+
+
+def index_weight_map(root: Path) -> dict[str, str]:
+    """The index's tensor -> shard map, shard paths checked for safety."""
+    index = _read_json(root / SAFETENSORS_INDEX, SAFETENSORS_INDEX, _INDEX_FIX)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
-        raise InputError(f"{SAFETENSORS_INDEX} has no weight_map. {fix}")
-    for tensor, shard in sorted(weight_map.items()):
-        shard_path = safe_relative_path(str(shard), what=f"{SAFETENSORS_INDEX} shard").as_posix()
-        if shard_path not in present:
-            raise InputError(f"{SAFETENSORS_INDEX} names shard {shard_path}, which is missing. {fix}")
-        if tensor not in headers[shard_path]:
+        raise InputError(f"{SAFETENSORS_INDEX} has no weight_map. {_INDEX_FIX}")
+    return {
+        tensor: safe_relative_path(str(shard), what=f"{SAFETENSORS_INDEX} shard").as_posix()
+        for tensor, shard in weight_map.items()
+    }
+
+
+def check_shard_against_index(weight_map: dict[str, str], shard: str, header: dict[str, Any]) -> None:
+    """Every tensor the index places in ``shard`` is in its header (checked as each shard lands)."""
+    for tensor in sorted(t for t, where in weight_map.items() if where == shard):
+        if tensor not in header:
             raise InputError(
-                f"{SAFETENSORS_INDEX} places tensor {tensor!r} in {shard_path}, whose header lacks it. {fix}"
+                f"{SAFETENSORS_INDEX} places tensor {tensor!r} in {shard}, whose header lacks it. {_INDEX_FIX}"
             )
+
+
+def _check_index(root: Path, present: set[str], headers: dict[str, dict[str, Any]]) -> None:
+    weight_map = index_weight_map(root)
+    for shard in sorted(set(weight_map.values())):
+        if shard not in present:
+            raise InputError(f"{SAFETENSORS_INDEX} names shard {shard}, which is missing. {_INDEX_FIX}")
+        check_shard_against_index(weight_map, shard, headers[shard])
 
 
 def check_model_dir(path: Path | str, *, allow_pickle: bool = False) -> ModelDirReport:

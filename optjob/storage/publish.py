@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
 import time
 from datetime import UTC, datetime
 from importlib import metadata
@@ -249,6 +250,164 @@ def _check_destination(
         )
 
 
+class Publisher:
+    """Publishes one model directory to an output prefix: files as they become final, manifest last.
+
+    ``publish_model`` uses it for a finished directory; a streaming stage uses it to ship each
+    output shard while the next one is still being produced (``upload``), and ``commit`` then
+    uploads what is left and writes the manifest. Until ``commit`` writes the manifest the prefix
+    is incomplete; ``rollback`` removes everything this publisher wrote and aborts its multipart
+    uploads. ``upload`` may be called from another thread than ``open``/``commit``; it emits no
+    events (event sinks are not thread-safe), ``commit`` reports the totals.
+    """
+
+    def __init__(
+        self,
+        output_uri: str,
+        *,
+        job_name: str,
+        job_arn: str,
+        kms_key_id: str | None,
+        settings: S3Settings | None = None,
+        events: EventSink = NULL_SINK,
+        cancel: CancelToken | None = None,
+        overwrite: bool = False,
+        client: S3Client | None = None,
+    ) -> None:
+        self.location = parse_s3_uri(output_uri)
+        self.job_name, self.job_arn, self.kms_key_id = job_name, job_arn, kms_key_id
+        self.settings = settings or S3Settings()
+        self.events = events
+        self.cancel = cancel or CancelToken()
+        self.overwrite = overwrite
+        self.client = client or make_client(self.settings)
+        self._uploaded: dict[str, tuple[ManifestFile, int]] = {}  # rel -> (entry, mtime_ns at upload)
+        self._lock = threading.Lock()
+        self._existing_keys: list[str] = []
+        self._existing: dict[str, Any] | None = None
+        self._started = time.time()
+        self._upload_seconds = 0.0
+        self._opened = False
+
+    @property
+    def manifest_key(self) -> str:
+        return self.location.child(MANIFEST_NAME).key
+
+    def _written_keys(self) -> set[str]:
+        with self._lock:
+            return {self.location.child(rel).key for rel in self._uploaded}
+
+    def open(self) -> None:
+        """Check the prefix may be written (not another job's model, not foreign files)."""
+        self._existing_keys = _list_keys(self.client, self.location)
+        self._existing = _existing_owner(self.client, self.location, self._existing_keys)
+        _check_destination(self.location, self._existing_keys, self._existing, self.job_arn, self.overwrite)
+        self._opened = True  # from here on the prefix is ours to write (and to clean up)
+        if self._existing is not None:
+            owner = self._existing.get("job_name", "a previous job")
+            self.events(STAGE, "replace", None, f"replacing the model of {owner}")
+            try:  # the prefix is incomplete from here on
+                self.client.delete_object(Bucket=self.location.bucket, Key=self.manifest_key)
+            except Exception as exc:
+                raise storage_error(exc, "delete", self.location.child(MANIFEST_NAME).uri) from exc
+
+    def upload(self, rel: str, path: Path, *, events: EventSink = NULL_SINK) -> ManifestFile:
+        """Hash and upload one final file of the model directory (multipart when large)."""
+        started = time.monotonic()
+        if rel in RESERVED_NAMES:
+            raise ValueError(f"{rel} is a name publish writes itself")
+        digest = sha256_file(path, self.cancel)
+        stat_before = path.stat()
+        extra = {"Metadata": {SHA256_METADATA: digest}, **sse_args(self.kms_key_id)}
+        task = TransferTask(self.location.bucket, self.location.child(rel).key, path, stat_before.st_size, extra)
+        entry = ManifestFile(path=rel, size=stat_before.st_size, sha256=digest)
+        with self._lock:  # registered first, so a rollback also removes a half-finished upload
+            self._uploaded[rel] = (entry, stat_before.st_mtime_ns)
+        run_transfers(self.client, self.settings, [task], direction="upload", events=events,
+                      cancel=self.cancel, stage=STAGE)  # fmt: skip
+        with self._lock:
+            self._upload_seconds += time.monotonic() - started
+        return entry
+
+    def commit(self, local_dir: Path | str, manifest: dict[str, Any]) -> PublishResult:
+        """Upload every file of ``local_dir`` not uploaded yet (or changed since), then the manifest."""
+        json.dumps(manifest)  # fail before uploading gigabytes if the caller's fields cannot be written
+        files = _local_files(Path(local_dir))
+        with self._lock:
+            done = dict(self._uploaded)
+        todo = [(rel, path) for rel, path in files
+                if rel not in done or path.stat().st_mtime_ns != done[rel][1]]  # fmt: skip
+        self.events(STAGE, "hash", 0.0, f"computing sha256 of {len(todo)} files")
+        digests = sha256_files([path for _, path in todo], workers=self.settings.max_concurrency, cancel=self.cancel)
+        hashed = time.time()
+        base_args = sse_args(self.kms_key_id)
+        tasks = [
+            TransferTask(self.location.bucket, self.location.child(rel).key, path, path.stat().st_size,
+                         {"Metadata": {SHA256_METADATA: digest}, **base_args})
+            for (rel, path), digest in zip(todo, digests, strict=True)
+        ]  # fmt: skip
+        with self._lock:
+            for (rel, path), digest in zip(todo, digests, strict=True):
+                self._uploaded[rel] = (ManifestFile(path=rel, size=path.stat().st_size, sha256=digest), 0)
+        run_transfers(self.client, self.settings, tasks, direction="upload", events=self.events,
+                      cancel=self.cancel, stage=STAGE)  # fmt: skip
+        self.cancel.raise_if_cancelled()
+        local = {rel for rel, _ in files}
+        with self._lock:
+            listed = sorted((entry for rel, (entry, _) in self._uploaded.items() if rel in local),
+                            key=lambda item: item.path)  # fmt: skip
+        new_keys = {self.location.child(item.path).key for item in listed}
+        stale = [key for key in self._existing_keys
+                 if key not in new_keys and key[len(self.location.prefix):] not in RESERVED_NAMES]  # fmt: skip
+        if stale:  # the replaced job's files that this output does not have
+            self.events(STAGE, "replace", None, f"removing {len(stale)} files of the replaced model")
+            try:
+                _delete_keys(self.client, self.location.bucket, set(stale))
+            except Exception as exc:
+                raise storage_error(exc, "delete old files under", self.location.uri) from exc
+        finished = time.time()
+        document = OutputManifest.model_validate(
+            {
+                **manifest,
+                "job_name": self.job_name,
+                "job_arn": self.job_arn,
+                "format_version": MANIFEST_FORMAT_VERSION,
+                "output_uri": self.location.uri,
+                "files": [item.model_dump() for item in listed],
+                "total_bytes": sum(item.size for item in listed),
+                "library_versions": {**library_versions(), **manifest.get("library_versions", {})},
+                "timings": {
+                    **manifest.get("timings", {}),
+                    "publish_started": self._started,
+                    "publish_hash_seconds": round(hashed - self._started, 3),
+                    "publish_upload_seconds": round(finished - hashed + self._upload_seconds, 3),
+                },
+                "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+        ).model_dump(mode="json")
+        self.cancel.raise_if_cancelled()
+        put_json(self.location.child(MANIFEST_NAME).uri, document, kms_key_id=self.kms_key_id, client=self.client)
+        total = document["total_bytes"]
+        self.events(STAGE, "done", 1.0, f"published {len(listed)} files ({total / MiB:.1f} MiB) to {self.location.uri}")
+        return PublishResult(
+            output_uri=self.location.uri,
+            manifest_uri=self.location.child(MANIFEST_NAME).uri,
+            files=listed,
+            total_bytes=total,
+            manifest=document,
+            replaced_job_arn=self._existing.get("job_arn") if self._existing else None,
+        )
+
+    def rollback(self) -> None:
+        """Remove what this publisher wrote (and the manifest key) and abort its multipart uploads.
+
+        Does nothing before ``open`` accepted the prefix: another job's model is never touched.
+        """
+        if not self._opened:
+            return
+        _rollback(self.client, self.location, self._written_keys() | {self.manifest_key}, self.events)
+
+
 def publish_model(
     local_dir: Path | str,
     output_uri: str,
@@ -268,80 +427,18 @@ def publish_model(
     prefix owned by another job, the translated storage error or JobCancelled otherwise; after any
     failure no manifest exists and the uploaded objects have been removed.
     """
-    started = time.time()
-    location = parse_s3_uri(output_uri)
-    settings = settings or S3Settings()
-    cancel = cancel or CancelToken()
-    client = client or make_client(settings)
     job_arn, job_name = manifest.get("job_arn"), manifest.get("job_name")
     if not isinstance(job_arn, str) or not isinstance(job_name, str):
         raise ValueError("the manifest must name the job: job_name and job_arn (strings)")
-    json.dumps(manifest)  # fail before uploading gigabytes if the caller's fields cannot be written
-    files = _local_files(Path(local_dir))
-    existing_keys = _list_keys(client, location)
-    existing = _existing_owner(client, location, existing_keys)
-    _check_destination(location, existing_keys, existing, job_arn, overwrite)
-    manifest_key = location.child(MANIFEST_NAME).key
-    if existing is not None:
-        events(STAGE, "replace", None, f"replacing the model of {existing.get('job_name', 'a previous job')}")
-        try:
-            client.delete_object(Bucket=location.bucket, Key=manifest_key)  # incomplete from here on
-        except Exception as exc:
-            raise storage_error(exc, "delete", location.child(MANIFEST_NAME).uri) from exc
-
-    events(STAGE, "hash", 0.0, f"computing sha256 of {len(files)} files")
-    digests = sha256_files([path for _, path in files], workers=settings.max_concurrency, cancel=cancel)
-    hashed = time.time()
-    base_args = sse_args(kms_key_id)
-    tasks = [
-        TransferTask(location.bucket, location.child(rel).key, path, path.stat().st_size,
-                     {"Metadata": {SHA256_METADATA: digest}, **base_args})
-        for (rel, path), digest in zip(files, digests, strict=True)
-    ]  # fmt: skip
-    new_keys = {task.key for task in tasks}
+    json.dumps(manifest)
+    _local_files(Path(local_dir))  # refuse an empty directory, links or reserved names before any request
+    publisher = Publisher(
+        output_uri, job_name=job_name, job_arn=job_arn, kms_key_id=kms_key_id,
+        settings=settings, events=events, cancel=cancel, overwrite=overwrite, client=client,
+    )  # fmt: skip
+    publisher.open()
     try:
-        run_transfers(client, settings, tasks, direction="upload", events=events, cancel=cancel, stage=STAGE)
-        cancel.raise_if_cancelled()
-        stale = [key for key in existing_keys
-                 if key not in new_keys and key[len(location.prefix):] not in RESERVED_NAMES]  # fmt: skip
-        if stale:  # the replaced job's files that this output does not have
-            events(STAGE, "replace", None, f"removing {len(stale)} files of the replaced model")
-            try:
-                _delete_keys(client, location.bucket, set(stale))
-            except Exception as exc:
-                raise storage_error(exc, "delete old files under", location.uri) from exc
-        listed = [ManifestFile(path=rel, size=task.size, sha256=digest)
-                  for (rel, _), task, digest in zip(files, tasks, digests, strict=True)]  # fmt: skip
-        finished = time.time()
-        document = OutputManifest.model_validate(
-            {
-                **manifest,
-                "format_version": MANIFEST_FORMAT_VERSION,
-                "output_uri": location.uri,
-                "files": [item.model_dump() for item in listed],
-                "total_bytes": sum(item.size for item in listed),
-                "library_versions": {**library_versions(), **manifest.get("library_versions", {})},
-                "timings": {
-                    **manifest.get("timings", {}),
-                    "publish_started": started,
-                    "publish_hash_seconds": round(hashed - started, 3),
-                    "publish_upload_seconds": round(finished - hashed, 3),
-                },
-                "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            }
-        ).model_dump(mode="json")
-        cancel.raise_if_cancelled()
-        put_json(location.child(MANIFEST_NAME).uri, document, kms_key_id=kms_key_id, client=client)
+        return publisher.commit(local_dir, manifest)
     except BaseException:
-        _rollback(client, location, new_keys | {manifest_key}, events)
+        publisher.rollback()
         raise
-    total = document["total_bytes"]
-    events(STAGE, "done", 1.0, f"published {len(listed)} files ({total / MiB:.1f} MiB) to {location.uri}")
-    return PublishResult(
-        output_uri=location.uri,
-        manifest_uri=location.child(MANIFEST_NAME).uri,
-        files=listed,
-        total_bytes=total,
-        manifest=document,
-        replaced_job_arn=existing.get("job_arn") if existing else None,
-    )

@@ -203,22 +203,25 @@ def _download_prefix(
     moved = run_transfers(client, settings, tasks, direction="download", events=events, cancel=cancel, stage=STAGE)
     events(STAGE, "verify", None, f"checking sha256 of {len(tasks)} files")
     digests = sha256_files([t.path for t in tasks], workers=settings.max_concurrency, cancel=cancel)
-    files = []
-    for remote, task, digest in zip(remotes, tasks, digests, strict=True):
-        size = task.path.stat().st_size
-        if size != remote.size:
-            raise InfrastructureError(
-                f"Downloaded {size} bytes of {task.uri}, which is {remote.size} bytes. Retry the job."
-            )
-        if remote.sha256 is not None and digest != remote.sha256:
-            raise InputError(
-                f"{task.uri} does not match its recorded sha256 ({remote.sha256[:12]}..., content "
-                f"{digest[:12]}...): the object is corrupt or was replaced without updating its checksum. "
-                "Re-upload it."
-            )
-        files.append(FetchedFile(path=remote.rel, size=size, sha256=digest, key=remote.key,
-                                 etag=remote.etag, verified=remote.sha256 is not None))  # fmt: skip
+    files = [_checked(remote, task, digest) for remote, task, digest in zip(remotes, tasks, digests, strict=True)]
     return moved, files
+
+
+def _checked(remote: _Remote, task: TransferTask, digest: str) -> FetchedFile:
+    """The downloaded file, once its size and (when the source records one) sha256 match."""
+    size = task.path.stat().st_size
+    if size != remote.size:
+        raise InfrastructureError(
+            f"Downloaded {size} bytes of {task.uri}, which is {remote.size} bytes. Retry the job."
+        )
+    if remote.sha256 is not None and digest != remote.sha256:
+        raise InputError(
+            f"{task.uri} does not match its recorded sha256 ({remote.sha256[:12]}..., content "
+            f"{digest[:12]}...): the object is corrupt or was replaced without updating its checksum. "
+            "Re-upload it."
+        )
+    return FetchedFile(path=remote.rel, size=size, sha256=digest, key=remote.key,
+                       etag=remote.etag, verified=remote.sha256 is not None)  # fmt: skip
 
 
 def _download_archive(

@@ -19,7 +19,7 @@ from typing import Any
 from optjob.config_files import load_config
 from optjob.errors import VerificationFailed
 from optjob.pipeline.events import NULL_SINK, EventSink
-from optjob.verify.tensors import compare_checkpoints
+from optjob.verify.tensors import TensorFigures, compare_checkpoints
 
 
 def thresholds_config() -> dict[str, Any]:
@@ -36,16 +36,26 @@ def thresholds_for(scheme_key: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+def per_tensor_mode(scheme_key: str) -> str:
+    """``direct`` or ``channel_rescaled`` (schemes that smooth activations rescale channels)."""
+    return str(thresholds_for(scheme_key)["per_tensor"].get("mode", "direct"))
+
+
 def _dir_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
 
 
-def e2e_fits(source: Path, output: Path, fraction: float) -> tuple[bool, str]:
+def e2e_fits(source: Path, output: Path, fraction: float, max_source_gib: float | None = None) -> tuple[bool, str]:
     """Whether a CPU reload of both fits: the source in fp32 (x2 for bf16/fp16 files) plus the
-    output decompressed to 16-bit (~source size), against the memory available now."""
+    output decompressed to 16-bit (~source size), against the memory available now; and whether
+    the source is within ``max_source_gib`` (a CPU forward pass of a large model takes minutes
+    and several times the model's size in memory, so beyond it the per-tensor check decides)."""
     import psutil
 
-    need = 2 * _dir_bytes(source) + _dir_bytes(source) + _dir_bytes(output)
+    source_bytes = _dir_bytes(source)
+    if max_source_gib is not None and source_bytes > max_source_gib * 2**30:
+        return False, f"source weights {source_bytes / 2**30:.2f} GiB > e2e.max_source_gib {max_source_gib:g}"
+    need = 2 * source_bytes + source_bytes + _dir_bytes(output)
     have = psutil.virtual_memory().available
     ok = need < fraction * have
     return ok, f"needs ~{need / 2**30:.2f} GiB, {have / 2**30:.2f} GiB available (limit {fraction:.0%})"
@@ -111,18 +121,26 @@ def run_gate(
     *,
     events: EventSink = NULL_SINK,
     e2e: bool | None = None,
+    per_tensor_figures: TensorFigures | None = None,
 ) -> GateReport:
-    """Verify ``output`` against ``source``; raises ``VerificationFailed`` below threshold."""
+    """Verify ``output`` against ``source``; raises ``VerificationFailed`` below threshold.
+
+    ``per_tensor_figures`` are figures already measured shard by shard (a streaming job checks
+    each shard as it is written); without them the whole checkpoint is compared here.
+    """
     cfg = thresholds_config()
     limits = thresholds_for(scheme_key)
-    events("verify", "per_tensor", 0.0, "dequantizing and comparing every quantized tensor")
-    figures = compare_checkpoints(source, output, mode=limits["per_tensor"].get("mode", "direct"))
-    per_tensor = figures.as_dict()
+    if per_tensor_figures is None:
+        events("verify", "per_tensor", 0.0, "dequantizing and comparing every quantized tensor")
+        per_tensor_figures = compare_checkpoints(source, output, mode=per_tensor_mode(scheme_key))
+    per_tensor = per_tensor_figures.as_dict()
     notes: list[str] = []
     e2e_figures = None
     run_e2e = cfg["e2e"].get("enabled", True) if e2e is None else e2e
     if run_e2e:
-        fits, detail = e2e_fits(source, output, float(cfg["e2e"].get("memory_fraction", 0.6)))
+        fits, detail = e2e_fits(
+            source, output, float(cfg["e2e"].get("memory_fraction", 0.6)), cfg["e2e"].get("max_source_gib")
+        )
         if fits:
             from optjob.verify.e2e import run_in_subprocess
 

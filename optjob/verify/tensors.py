@@ -68,11 +68,11 @@ def _weight_map(model_dir: Path) -> dict[str, str]:
 class _Reader:
     """Lazily opened safetensors files of one checkpoint; ``get`` materializes one tensor."""
 
-    def __init__(self, model_dir: Path, stack: ExitStack) -> None:
+    def __init__(self, model_dir: Path, stack: ExitStack, weight_map: dict[str, str] | None = None) -> None:
         from safetensors import safe_open
 
         self.dir = model_dir
-        self.map = _weight_map(model_dir)
+        self.map = _weight_map(model_dir) if weight_map is None else weight_map
         self._open = safe_open
         self._stack = stack
         self._handles: dict[str, Any] = {}
@@ -128,7 +128,7 @@ def _bnb_decoder(reader: _Reader, qconfig: dict[str, Any]) -> Any:
     return decode
 
 
-def _compare(deq: torch.Tensor, src: torch.Tensor, mode: Mode) -> tuple[float, float]:
+def _compare_tensor(deq: torch.Tensor, src: torch.Tensor, mode: Mode) -> tuple[float, float]:
     d = deq.double().reshape(src.shape) if deq.numel() == src.numel() else deq.double()
     s = src.double()
     if d.shape != s.shape:
@@ -151,13 +151,16 @@ def _compare(deq: torch.Tensor, src: torch.Tensor, mode: Mode) -> tuple[float, f
     return (rel if math.isfinite(rel) else math.inf), (float(cos) if math.isfinite(float(cos)) else -1.0)
 
 
-def iter_dequantized(output_dir: Path, stack: ExitStack) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(module, dequantized weight)`` for every quantized module of ``output_dir``, one at a time."""
+def quantization_config(output_dir: Path) -> dict[str, Any]:
     cfg = json.loads((output_dir / "config.json").read_text())
     qconfig = cfg.get("quantization_config")
     if not qconfig:
         raise ValueError(f"{output_dir}/config.json has no quantization_config")
-    reader = _Reader(output_dir, stack)
+    return qconfig
+
+
+def iter_dequantized(reader: _Reader, qconfig: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(module, dequantized weight)`` for every quantized module the reader holds, one at a time."""
     method = qconfig.get("quant_method")
     groups = _modules(list(reader.map))
     if method == "compressed-tensors":
@@ -186,40 +189,83 @@ def compare_checkpoints(
     too; they should match up to a dtype cast. With smoothing (``channel_rescaled``)
     norms are rescaled by design and skipped.
     """
+    qconfig = quantization_config(output_dir)
+    with ExitStack() as stack:
+        return _compare(_Reader(source_dir, stack), _Reader(output_dir, stack), qconfig, mode, keep_per_tensor)
+
+
+def compare_shard(
+    source_file: Path, output_file: Path, qconfig: dict[str, Any], *, mode: Mode = "direct"
+) -> TensorFigures:
+    """The same figures for one output shard against the source shard it was made from.
+
+    A streaming job checks each shard right after writing it, while the next one downloads, so
+    verification costs no extra pass over the model; ``merge`` combines the shards' figures.
+    """
+    from safetensors import safe_open
+
+    maps = []
+    for file in (source_file, output_file):
+        with safe_open(str(file), "pt") as handle:
+            maps.append(dict.fromkeys(handle.keys(), file.name))  # noqa: SIM118
+    with ExitStack() as stack:
+        source = _Reader(source_file.parent, stack, maps[0])
+        output = _Reader(output_file.parent, stack, maps[1])
+        return _compare(source, output, qconfig, mode, keep_per_tensor=False)
+
+
+def merge(parts: list[TensorFigures]) -> TensorFigures:
+    """Whole-model figures from per-shard ones (worst cases kept, means weighted by tensor count)."""
+    merged = TensorFigures(mode=parts[0].mode if parts else "direct")
+    total_rel = 0.0
+    for part in parts:
+        total_rel += part.mean_rel_error * part.quantized_tensors
+        merged.quantized_tensors += part.quantized_tensors
+        merged.unquantized_tensors += part.unquantized_tensors
+        if part.quantized_tensors and part.max_rel_error >= merged.max_rel_error:
+            merged.max_rel_error, merged.worst_tensor = part.max_rel_error, part.worst_tensor
+        merged.min_cosine = min(merged.min_cosine, part.min_cosine)
+        if part.unquantized_tensors and part.unquantized_max_rel_error >= merged.unquantized_max_rel_error:
+            merged.unquantized_max_rel_error = part.unquantized_max_rel_error
+            merged.unquantized_worst_tensor = part.unquantized_worst_tensor
+    if merged.quantized_tensors:
+        merged.mean_rel_error = total_rel / merged.quantized_tensors
+    return merged
+
+
+def _compare(source: _Reader, output: _Reader, qconfig: dict[str, Any], mode: Mode,
+             keep_per_tensor: bool) -> TensorFigures:  # fmt: skip
     figures = TensorFigures(mode=mode)
     total_rel = 0.0
-    with ExitStack() as stack:
-        source = _Reader(source_dir, stack)
-        output = _Reader(output_dir, stack)
-        quantized: set[str] = set()
-        for module, deq in iter_dequantized(output_dir, stack):
-            quantized.add(module)
-            name = f"{module}.weight"
-            if name not in source.map:
-                raise ValueError(f"{name} is in the output but not in the source checkpoint")
-            rel, cos = _compare(deq, source.get(name), mode)
-            figures.quantized_tensors += 1
-            total_rel += rel
-            if keep_per_tensor:
-                figures.per_tensor[name] = {"rel_error": rel, "cosine": cos}
-            if rel >= figures.max_rel_error:
-                figures.max_rel_error, figures.worst_tensor = rel, name
-            figures.min_cosine = min(figures.min_cosine, cos)
-        for name in output.map:
-            module, _, local = name.rpartition(".")
-            if module in quantized or local in _QUANT_SUFFIXES or name not in source.map:
-                continue
-            if module.split(".")[-1] == "weight" or ".weight." in name:
-                continue  # bitsandbytes quant-state entries
-            if mode == "channel_rescaled" and "norm" in module:
-                continue
-            out_t, src_t = output.get(name), source.get(name)
-            if not out_t.is_floating_point() or out_t.shape != src_t.shape:
-                continue
-            rel, _ = _compare(out_t, src_t, "direct")
-            figures.unquantized_tensors += 1
-            if rel >= figures.unquantized_max_rel_error:
-                figures.unquantized_max_rel_error, figures.unquantized_worst_tensor = rel, name
+    quantized: set[str] = set()
+    for module, deq in iter_dequantized(output, qconfig):
+        quantized.add(module)
+        name = f"{module}.weight"
+        if name not in source.map:
+            raise ValueError(f"{name} is in the output but not in the source checkpoint")
+        rel, cos = _compare_tensor(deq, source.get(name), mode)
+        figures.quantized_tensors += 1
+        total_rel += rel
+        if keep_per_tensor:
+            figures.per_tensor[name] = {"rel_error": rel, "cosine": cos}
+        if rel >= figures.max_rel_error:
+            figures.max_rel_error, figures.worst_tensor = rel, name
+        figures.min_cosine = min(figures.min_cosine, cos)
+    for name in output.map:
+        module, _, local = name.rpartition(".")
+        if module in quantized or local in _QUANT_SUFFIXES or name not in source.map:
+            continue
+        if module.split(".")[-1] == "weight" or ".weight." in name:
+            continue  # bitsandbytes quant-state entries
+        if mode == "channel_rescaled" and "norm" in module:
+            continue
+        out_t, src_t = output.get(name), source.get(name)
+        if not out_t.is_floating_point() or out_t.shape != src_t.shape:
+            continue
+        rel, _ = _compare_tensor(out_t, src_t, "direct")
+        figures.unquantized_tensors += 1
+        if rel >= figures.unquantized_max_rel_error:
+            figures.unquantized_max_rel_error, figures.unquantized_worst_tensor = rel, name
     if figures.quantized_tensors:
         figures.mean_rel_error = total_rel / figures.quantized_tensors
     return figures

@@ -38,12 +38,32 @@ class MemoryFit:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
 
+_TORCH_TO_ST = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def _shapes_from_config(model_dir: Path) -> dict[str, tuple[str, int]]:
+    """name -> (dtype, numel) from ``config.json`` alone: a streaming job plans before any shard lands."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with init_empty_weights(include_buffers=True):
+        model = AutoModelForCausalLM.from_config(config)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    name = _TORCH_TO_ST.get(str(dtype).removeprefix("torch."), "F32")
+    return {key: (name, param.numel()) for key, param in model.named_parameters()}
+
+
 def _tensor_shapes(model_dir: Path) -> dict[str, tuple[str, int]]:
-    """name -> (dtype, numel) from safetensors headers."""
+    """name -> (dtype, numel) from safetensors headers (from config.json when no shard is local yet)."""
     from safetensors import safe_open
 
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        return _shapes_from_config(model_dir)
     out: dict[str, tuple[str, int]] = {}
-    for file in sorted(model_dir.glob("*.safetensors")):
+    for file in files:
         with safe_open(str(file), "pt") as handle:
             for key in handle.keys():  # noqa: SIM118
                 sl = handle.get_slice(key)

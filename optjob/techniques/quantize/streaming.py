@@ -229,19 +229,28 @@ def quantize_checkpoint(
     preset: str,
     ignore: Sequence[str],
     dtype: str = "auto",
+    shards: Iterable[Path] | None = None,
     on_shard_done: Callable[[ShardDone], None] | None = None,
     cancel: CancelToken | None = None,
     events: EventSink = NULL_SINK,
 ) -> StreamResult:
-    """Stream-quantize a local HF directory: non-weight files copied, shards quantized, index + config."""
+    """Stream-quantize a local HF directory: non-weight files copied, shards quantized, index + config.
+
+    ``shards`` lets a caller feed the weight files lazily (a streaming download yields each as it
+    lands; ``input_dir`` then needs only the non-weight files). ``config.json`` gets its
+    ``quantization_config`` before the first shard, so ``on_shard_done`` can already decode it.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     for item in input_dir.iterdir():
         if item.is_file() and not item.name.endswith(".safetensors") and item.name != WEIGHTS_INDEX:
             shutil.copy2(item, output_dir / item.name)
     config = build_config(preset, ignore)
-    shards = weight_files(input_dir)
+    config_dtype = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(dtype)
+    write_quantization_config(output_dir, config, dtype=config_dtype)
+    names = weight_files(input_dir) if shards is None else None
+    total = len(names) if names is not None else len(_indexed_weight_names(input_dir) or [None])
     result = quantize_shards(
-        shards,
+        names if names is not None else shards,
         output_dir,
         config=config,
         linear_modules=linear_module_names(input_dir),
@@ -249,11 +258,16 @@ def quantize_checkpoint(
         on_shard_done=on_shard_done,
         cancel=cancel,
         events=events,
-        total_shards=len(shards),
+        total_shards=total,
     )
-    if len(shards) > 1:
+    if len(result.shards) > 1:
         index = {"metadata": {"total_size": result.total_size}, "weight_map": dict(sorted(result.weight_map.items()))}
         (output_dir / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    config_dtype = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(dtype)
-    write_quantization_config(output_dir, config, dtype=config_dtype)
     return result
+
+
+def _indexed_weight_names(model_dir: Path) -> list[str]:
+    index = model_dir / WEIGHTS_INDEX
+    if not index.is_file():
+        return []
+    return list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from optjob.pipeline.stage import (
     StageContext,
     StageNeeds,
     StageResult,
-    Technique,
+    StreamingTechnique,
     register,
 )
 from optjob.targets.catalog import InstanceSpec
@@ -58,7 +58,7 @@ def _peak_rss_mib() -> float:
 
 
 @register
-class QuantizationTechnique(Technique):
+class QuantizationTechnique(StreamingTechnique):
     config_member = "ModelQuantizationConfig"
     optimization_type = "Quantization"
 
@@ -109,8 +109,31 @@ class QuantizationTechnique(Technique):
         )
 
     def run(self, stage: PlannedStage, ctx: StageContext) -> StageResult:
+        return self._run(stage, ctx, weights=None, on_output=None)
+
+    def run_streaming(
+        self,
+        stage: PlannedStage,
+        ctx: StageContext,
+        weights: Iterable[Path],
+        on_output: Callable[[Path], None],
+    ) -> StageResult:
+        """Data-free schemes only: each shard is quantized as it lands, checked, and handed over."""
+        if stage.engine != "streaming":
+            raise InputError(f"the {stage.engine} engine needs the whole model; it cannot run shard by shard")
+        return self._run(stage, ctx, weights=weights, on_output=on_output)
+
+    def _run(
+        self,
+        stage: PlannedStage,
+        ctx: StageContext,
+        *,
+        weights: Iterable[Path] | None,
+        on_output: Callable[[Path], None] | None,
+    ) -> StageResult:
         from optjob.techniques.quantize import engines, memory, streaming
-        from optjob.verify.gate import run_gate
+        from optjob.verify.gate import per_tensor_mode, run_gate
+        from optjob.verify.tensors import compare_shard, merge, quantization_config
 
         params = QuantizationParams(**stage.params["options"])
         scheme: dict[str, Any] = stage.params["scheme"]
@@ -139,13 +162,24 @@ class QuantizationTechnique(Technique):
         t0 = time.monotonic()
         engine = stage.engine
         details: dict[str, Any] = {}
+        shard_figures = []
         if engine == "streaming":
+            mode = per_tensor_mode(scheme["verify_key"])
+
+            def shard_done(done: streaming.ShardDone) -> None:
+                # Checked while the next shard downloads; only a checked shard is handed over.
+                shard_figures.append(compare_shard(done.source, done.output, quantization_config(out), mode=mode))
+                if on_output is not None:
+                    on_output(done.output)
+
             result = streaming.quantize_checkpoint(
                 src,
                 out,
                 preset=scheme["preset"],
                 ignore=params.ignore,
                 dtype=dtype,
+                shards=weights,
+                on_shard_done=shard_done,
                 cancel=ctx.cancel,
                 events=ctx.events,
             )
@@ -175,7 +209,10 @@ class QuantizationTechnique(Technique):
 
         t0 = time.monotonic()
         try:
-            report = run_gate(src, out, scheme["verify_key"], events=ctx.events)
+            report = run_gate(
+                src, out, scheme["verify_key"], events=ctx.events,
+                per_tensor_figures=merge(shard_figures) if shard_figures else None,
+            )  # fmt: skip
         except VerificationFailed:
             rejected = Path(ctx.work_dir) / "rejected-output"
             shutil.rmtree(rejected, ignore_errors=True)

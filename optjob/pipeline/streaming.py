@@ -1,0 +1,147 @@
+"""Runs a one-stage plan whose stage works shard by shard, overlapping download, work and upload.
+
+The flow is the same as ``run.run_plan`` — fetch, check, stage, verify, publish with the manifest
+last — but the three overlap: a background thread downloads the weight files in order while the
+stage quantizes the previous one, and each output shard is uploaded by a second thread as soon as
+the stage has checked it. Peak memory stays at a few shards, and the job takes about as long as
+copying the model. Nothing is a finished model until the manifest is written; any failure removes
+what was uploaded.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from optjob.errors import InputError
+from optjob.pipeline.cancel import CancelToken
+from optjob.pipeline.events import EventSink
+from optjob.pipeline.outcome import RunOutcome
+from optjob.pipeline.plan import Plan
+from optjob.pipeline.stage import StageContext, StreamingTechnique, technique_for
+from optjob.pipeline.transfer import ALLOW_PICKLE_ENV, SourceModel, build_manifest
+from optjob.storage.eula import model_card_gating
+from optjob.storage.inputs import (
+    SAFETENSORS_INDEX,
+    check_model_dir,
+    check_shard_against_index,
+    index_weight_map,
+    safetensors_header,
+)
+from optjob.storage.publish import Publisher
+from optjob.storage.s3 import MiB, S3Settings
+from optjob.storage.stream import StreamingFetch, can_stream
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def streaming_technique(plan: Plan) -> StreamingTechnique | None:
+    """The plan's technique when the whole job can stream: one stage, shard-by-shard, a prefix source."""
+    if len(plan.stages) != 1 or plan.stages[0].needs.whole_model_in_memory:
+        return None
+    if not plan.source.s3_uri or not can_stream(plan.source.s3_uri):
+        return None
+    technique = technique_for(plan.stages[0].technique)
+    return technique if isinstance(technique, StreamingTechnique) else None
+
+
+def _weight_order(fetch: StreamingFetch) -> list[str]:
+    weights = sorted(rel for rel in fetch.remotes if rel.endswith(".safetensors"))
+    if not weights:
+        raise InputError(f"{fetch.uri} holds no *.safetensors weights; a model directory needs them")
+    pickles = [rel for rel in fetch.remotes if rel.endswith(PICKLE_SUFFIXES)]
+    if pickles and os.environ.get(ALLOW_PICKLE_ENV) != "1":
+        raise InputError(
+            f"{fetch.uri} holds pickle weights ({pickles[0]}); loading them can run code. Remove them "
+            f"(the safetensors weights are used), or set {ALLOW_PICKLE_ENV}=1 to accept them"
+        )
+    return weights
+
+
+def run_streaming(
+    plan: Plan,
+    technique: StreamingTechnique,
+    *,
+    job_arn: str,
+    work_dir: Path,
+    events: EventSink,
+    cancel: CancelToken,
+    storage: S3Settings | None,
+) -> RunOutcome:
+    """Fetch, run and publish, overlapped; raises JobFailed subclasses or JobCancelled."""
+    stage = plan.stages[0]
+    source_dir, out_dir = work_dir / "source", work_dir / f"stage-1-{stage.optimization_type.lower()}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    events("download", "list", 0.0, f"listing {plan.source.s3_uri}")
+    fetch = StreamingFetch(plan.source.s3_uri, source_dir, settings=storage, cancel=cancel)
+    weights = _weight_order(fetch)
+    small = sorted(set(fetch.remotes) - set(weights))
+    fetch.start(order=small + weights)
+    publisher = Publisher(
+        plan.output.s3_uri, job_name=plan.job_name, job_arn=job_arn, kms_key_id=plan.output.kms_key_id,
+        settings=storage, events=events, cancel=cancel,
+    )  # fmt: skip
+    uploads: list[Future] = []
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optjob-upload")
+    try:
+        for rel in small:
+            fetch.wait(rel)
+        if "config.json" not in small:
+            raise InputError(f"{plan.source.s3_uri} has no config.json; it is not a Hugging Face model directory")
+        if not plan.source.accept_eula and (reason := model_card_gating(source_dir)):
+            raise InputError(reason)
+        publisher.open()  # refuse a prefix owned by another job before any work
+
+        weight_map = index_weight_map(source_dir) if SAFETENSORS_INDEX in small else {}
+        missing = sorted(set(weight_map.values()) - set(weights))
+        if missing:
+            raise InputError(f"{SAFETENSORS_INDEX} names shard {missing[0]}, which is missing from {fetch.uri}")
+
+        def arriving() -> Iterator[Path]:
+            total = fetch.total_bytes or 1
+            for number, rel in enumerate(weights, 1):
+                path = fetch.wait(rel)
+                # A truncated shard, or one without the tensors the index promises, is the source's fault.
+                check_shard_against_index(weight_map, rel, safetensors_header(path, rel))
+                events("download", "file", fetch.bytes_done / total,
+                       f"{number}/{len(weights)} weight files, {fetch.bytes_done / MiB:.0f} of {total / MiB:.0f} MiB",
+                       bytes_done=fetch.bytes_done, bytes_total=total)  # fmt: skip
+                for done in [f for f in uploads if f.done()]:
+                    done.result()  # surface an upload failure now rather than at the end
+                yield path
+
+        def ship(path: Path) -> None:
+            uploads.append(pool.submit(publisher.upload, path.relative_to(out_dir).as_posix(), path))
+
+        ctx = StageContext(
+            job_name=plan.job_name, input_dir=source_dir, output_dir=out_dir, work_dir=work_dir,
+            target=plan.target, env=stage.env, events=events, cancel=cancel,
+        )  # fmt: skip
+        events(stage.optimization_type, "start", 0.0, f"stage 1/1 via {stage.engine}, streaming shard by shard")
+        result = technique.run_streaming(stage, ctx, arriving(), ship)
+        events(stage.optimization_type, "done", 1.0, "stage 1/1 finished")
+        fetched = fetch.result()
+        check_model_dir(source_dir, allow_pickle=os.environ.get(ALLOW_PICKLE_ENV) == "1")
+        waited = time.monotonic()
+        for future in uploads:
+            future.result()
+        events("upload", "shards", None, f"{len(uploads)} shards uploaded ({time.monotonic() - waited:.1f} s wait)")
+        cancel.raise_if_cancelled()
+        source = SourceModel(path=source_dir, fetched=fetched)
+        metrics = {f"1:{stage.optimization_type}": result.metrics}
+        warnings = list(dict.fromkeys([*plan.all_warnings, *result.warnings]))
+        manifest = build_manifest(plan, job_arn, source, metrics, warnings)
+        published = publisher.commit(out_dir, manifest)
+        return RunOutcome(plan.recommended_image, warnings, metrics, [file.path for file in published.files])
+    except BaseException:
+        fetch.stop()
+        for future in uploads:
+            future.cancel()
+        pool.shutdown(wait=True)
+        publisher.rollback()
+        raise
+    finally:
+        pool.shutdown(wait=True)

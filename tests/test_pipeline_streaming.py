@@ -1,0 +1,149 @@
+"""The streaming run of a data-free FP8 job against the real S3 server: overlapped, verified, atomic.
+
+Covers what the shard-by-shard path must guarantee beyond "it completes": shards are quantized
+while later ones are still arriving, the published model is complete and loads, a bad shard
+fails the job with nothing left behind, and another job's published model is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from optjob.api.errors import parse
+from optjob.api.shapes import CreateOptimizationJobRequest
+from optjob.errors import InputError
+from optjob.pipeline.cancel import CancelToken
+from optjob.pipeline.events import Event, EventSink
+from optjob.pipeline.plan import build_plan
+from optjob.pipeline.run import run_plan
+from optjob.pipeline.streaming import streaming_technique
+from optjob.storage.layout import MANIFEST_NAME
+from optjob.storage.stream import StreamingFetch
+from tests.s3server import S3Bucket
+
+ARN = "arn:aws:sagemaker:us-east-1:000000000000:optimization-job/{}"
+
+
+@pytest.fixture(scope="module")
+def sharded_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from optjob.testing import build_tiny_llama
+
+    return build_tiny_llama(
+        tmp_path_factory.mktemp("tiny") / "model",
+        hidden=128, intermediate=256, layers=4, heads=2, kv_heads=1, vocab=512, shards=4, train_steps=0,
+    )  # fmt: skip
+
+
+def _plan(name: str, source: str, output: str, scheme: str = "FP8_DYNAMIC"):
+    request = parse(
+        CreateOptimizationJobRequest,
+        {
+            "OptimizationJobName": name,
+            "RoleArn": "arn:aws:iam::111122223333:role/x",
+            "ModelSource": {"S3": {"S3Uri": source}},
+            "DeploymentInstanceType": "ml.g6.12xlarge",
+            "OptimizationConfigs": [
+                {"ModelQuantizationConfig": {"OverrideEnvironment": {"OPTION_QUANTIZE": "fp8",
+                                                                     "OPTION_FP8_SCHEME": scheme}}}
+            ],
+            "OutputConfig": {"S3OutputLocation": output},
+            "StoppingCondition": {"MaxRuntimeInSeconds": 3600},
+        },
+    )  # fmt: skip
+    return build_plan(request, region="us-east-1")
+
+
+def _run(plan, tmp_path: Path, events: list[Event] | None = None):
+    sink = EventSink(events.append if events is not None else None)
+    return run_plan(plan, work_dir=tmp_path / "work", job_arn=ARN.format(plan.job_name), events=sink)
+
+
+def test_only_shard_by_shard_plans_stream(s3_bucket: S3Bucket) -> None:
+    assert streaming_technique(_plan("a", s3_bucket.uri("m/"), s3_bucket.uri("o/"))) is not None
+    assert streaming_technique(_plan("b", s3_bucket.uri("m/"), s3_bucket.uri("o/"), "FP8")) is None
+    assert streaming_technique(_plan("c", s3_bucket.uri("m.tar.gz"), s3_bucket.uri("o/"))) is None
+
+
+def test_streaming_job_overlaps_and_publishes_a_loadable_model(
+    s3_bucket: S3Bucket, sharded_model: Path, tmp_path: Path
+) -> None:
+    s3_bucket.upload_dir(sharded_model, "model")
+    events: list[Event] = []
+    outcome = _run(_plan("stream-1", s3_bucket.uri("model/"), s3_bucket.uri("out/")), tmp_path, events)
+
+    # Quantization of the first shard is reported before the last weight file was handed over.
+    steps = [(e.stage, e.step) for e in events]
+    first_quantized = steps.index(("quantize", "shard"))
+    last_arrival = len(steps) - 1 - steps[::-1].index(("download", "file"))
+    assert first_quantized < last_arrival, steps
+
+    keys = s3_bucket.keys("out/")
+    shards = sorted(k for k in keys if k.endswith(".safetensors"))
+    assert len(shards) == 4 and f"out/{MANIFEST_NAME}" in keys
+    manifest = json.loads(s3_bucket.client.get_object(Bucket=s3_bucket.name, Key=f"out/{MANIFEST_NAME}")["Body"].read())
+    assert sorted(f["path"] for f in manifest["files"]) == sorted(
+        k[len("out/") :] for k in keys if k != f"out/{MANIFEST_NAME}"
+    )
+    verification = manifest["metrics"]["1:Quantization"]["verification"]
+    assert verification["passed"] and verification["per_tensor"]["quantized_tensors"] == 4 * 7
+    assert set(outcome.published) == {f["path"] for f in manifest["files"]}
+
+    local = tmp_path / "published"
+    for key in keys:
+        target = local / key[len("out/") :]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        s3_bucket.client.download_file(s3_bucket.name, key, str(target))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(local)
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    assert not (tmp_path / "work").exists()
+
+
+def test_a_corrupt_shard_fails_the_job_and_leaves_nothing(
+    s3_bucket: S3Bucket, sharded_model: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in sharded_model.iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    third = sorted(broken.glob("*.safetensors"))[2]
+    tensors = load_file(str(third))
+    save_file({k: v for k, v in list(tensors.items())[:-1]}, str(third))  # a tensor the index promises is gone
+    s3_bucket.upload_dir(broken, "model")
+    with pytest.raises(InputError, match="in model-00003-of-00004.safetensors, whose header lacks it"):
+        _run(_plan("stream-2", s3_bucket.uri("model/"), s3_bucket.uri("out/")), tmp_path)
+    assert s3_bucket.keys("out/") == []
+    assert s3_bucket.multipart_uploads("out/") == []
+
+
+def test_another_jobs_model_is_never_touched(s3_bucket: S3Bucket, sharded_model: Path, tmp_path: Path) -> None:
+    s3_bucket.upload_dir(sharded_model, "model")
+    _run(_plan("owner", s3_bucket.uri("model/"), s3_bucket.uri("out/")), tmp_path / "a")
+    before = {k: s3_bucket.client.head_object(Bucket=s3_bucket.name, Key=k)["ETag"] for k in s3_bucket.keys("out/")}
+    with pytest.raises(InputError, match="already holds the published model of job owner"):
+        _run(_plan("intruder", s3_bucket.uri("model/"), s3_bucket.uri("out/")), tmp_path / "b")
+    after = {k: s3_bucket.client.head_object(Bucket=s3_bucket.name, Key=k)["ETag"] for k in s3_bucket.keys("out/")}
+    assert after == before
+
+
+def test_streaming_fetch_hands_files_over_in_order_as_they_land(
+    s3_bucket: S3Bucket, sharded_model: Path, tmp_path: Path
+) -> None:
+    s3_bucket.upload_dir(sharded_model, "model")
+    fetch = StreamingFetch(s3_bucket.uri("model/"), tmp_path / "src", cancel=CancelToken())
+    weights = sorted(rel for rel in fetch.remotes if rel.endswith(".safetensors"))
+    fetch.start(order=weights)
+    first = fetch.wait(weights[0])
+    assert first.is_file() and first.stat().st_size == fetch.size(weights[0])
+    deadline = time.monotonic() + 30
+    result = fetch.result()
+    assert time.monotonic() < deadline
+    assert {f.path for f in result.files} == set(fetch.remotes)
+    assert all(f.etag for f in result.files)
