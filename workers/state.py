@@ -25,7 +25,7 @@ from optjob.api.shapes import CreateOptimizationJobRequest, DescribeOptimization
 from optjob.jobs.logs import JobLog
 from optjob.jobs.outcomes import clip_reason, end_stopping, fail, timeout_reason
 from optjob.jobs.service import JobService, describe_record
-from optjob.jobs.store import JobRecord, Store, encode_types, now_ms
+from optjob.jobs.store import JobRecord, Store, now_ms, starting_record
 from optjob.jobs.worker import process_ctime
 from optjob.pipeline.plan import Plan
 from optjob.settings import Settings
@@ -45,43 +45,19 @@ class JobState(Protocol):
     def stop_requested(self) -> str | None: ...
 
 
-def new_record(
-    request: CreateOptimizationJobRequest, plan: Plan | None, arn: str, *, now: float, log_path: str
-) -> JobRecord:
-    """A STARTING record exactly as ``JobService.create`` would store it (``plan`` None: it failed)."""
-    stopping = request.stopping_condition
-    return JobRecord(
-        name=request.optimization_job_name,
-        arn=arn,
-        status="STARTING",
-        creation_time=now,
-        last_modified_time=now,
-        start_time=None,
-        end_time=None,
-        failure_reason=None,
-        output_image=None,
-        instance_type=request.deployment_instance_type,
-        max_instance_count=request.max_instance_count,
-        optimization_types=encode_types(plan.optimization_types if plan else []),
-        max_runtime_s=stopping.max_runtime_in_seconds,
-        max_pending_s=stopping.max_pending_time_in_seconds,
-        request_json=json.dumps(request.dump()),
-        plan_json=plan.model_dump_json() if plan else "null",
-        tags_json=json.dumps([tag.dump() for tag in request.tags or []]),
-        log_path=log_path,
-        worker_pid=os.getpid(),
-        worker_ctime=process_ctime(os.getpid()),
-        stop_reason=None,
-        stop_requested_at=None,
-        last_event_json=None,
-    )
-
-
 class LocalState:
     """The record in memory; each method mirrors the store transition the control plane would make."""
 
     def __init__(self, request: CreateOptimizationJobRequest, plan: Plan | None, arn: str) -> None:
-        self.record = new_record(request, plan, arn, now=now_ms(), log_path="")
+        self.record = starting_record(
+            request,
+            plan,
+            arn,
+            now=now_ms(),
+            log_path="",
+            worker_pid=os.getpid(),
+            worker_ctime=process_ctime(os.getpid()),
+        )
         self.name = self.record.name
         self.arn = arn
 

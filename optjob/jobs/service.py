@@ -51,8 +51,8 @@ from optjob.jobs.store import (
     ModelRecord,
     Store,
     TooManyActiveJobs,
-    encode_types,
     now_ms,
+    starting_record,
 )
 from optjob.pipeline.plan import Plan, build_plan
 from optjob.settings import Settings, load_settings
@@ -107,32 +107,7 @@ class JobService:
         name = request.optimization_job_name
         arn = self.settings.job_arn(name)
         now = now_ms(self._clock())
-        stopping = request.stopping_condition
-        record = JobRecord(
-            name=name,
-            arn=arn,
-            status="STARTING",
-            creation_time=now,
-            last_modified_time=now,
-            start_time=None,
-            end_time=None,
-            failure_reason=None,
-            output_image=None,
-            instance_type=request.deployment_instance_type,
-            max_instance_count=request.max_instance_count,
-            optimization_types=encode_types(plan.optimization_types),
-            max_runtime_s=stopping.max_runtime_in_seconds,
-            max_pending_s=stopping.max_pending_time_in_seconds,
-            request_json=json.dumps(request.dump()),
-            plan_json=plan.model_dump_json(),
-            tags_json=json.dumps([tag.dump() for tag in request.tags or []]),
-            log_path=str(self._log_path(name, now)),
-            worker_pid=None,
-            worker_ctime=None,
-            stop_reason=None,
-            stop_requested_at=None,
-            last_event_json=None,
-        )
+        record = starting_record(request, plan, arn, now=now, log_path=str(self._log_path(name, now)))
         try:
             self.store.create_job(record, max_active=self.settings.max_active_jobs)
         except DuplicateJob:

@@ -20,9 +20,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from optjob.api.shapes import TERMINAL_STATUSES
+from optjob.api.shapes import TERMINAL_STATUSES, CreateOptimizationJobRequest
+
+if TYPE_CHECKING:
+    from optjob.pipeline.plan import Plan
 
 SCHEMA_VERSION = 1
 ACTIVE_STATUSES: tuple[str, ...] = ("STARTING", "INPROGRESS", "STOPPING")
@@ -313,3 +316,43 @@ def _marks(items: Sequence[Any]) -> str:
 
 def _record(row: sqlite3.Row) -> JobRecord:
     return JobRecord(**{column: row[column] for column in JOB_COLUMNS})
+
+
+def starting_record(
+    request: CreateOptimizationJobRequest,
+    plan: Plan | None,
+    arn: str,
+    *,
+    now: float,
+    log_path: str,
+    worker_pid: int | None = None,
+    worker_ctime: float | None = None,
+) -> JobRecord:
+    """A new job's record: STARTING, created now (``plan`` None: planning failed; a container worker
+    that runs the job itself passes its own pid)."""
+    stopping = request.stopping_condition
+    return JobRecord(
+        name=request.optimization_job_name,
+        arn=arn,
+        status="STARTING",
+        creation_time=now,
+        last_modified_time=now,
+        start_time=None,
+        end_time=None,
+        failure_reason=None,
+        output_image=None,
+        instance_type=request.deployment_instance_type,
+        max_instance_count=request.max_instance_count,
+        optimization_types=encode_types(plan.optimization_types if plan else []),
+        max_runtime_s=stopping.max_runtime_in_seconds,
+        max_pending_s=stopping.max_pending_time_in_seconds,
+        request_json=json.dumps(request.dump()),
+        plan_json=plan.model_dump_json() if plan else "null",
+        tags_json=json.dumps([tag.dump() for tag in request.tags or []]),
+        log_path=log_path,
+        worker_pid=worker_pid,
+        worker_ctime=worker_ctime,
+        stop_reason=None,
+        stop_requested_at=None,
+        last_event_json=None,
+    )
