@@ -34,4 +34,4 @@ def _register_commands() -> None:
 
 def main() -> None:
     _register_commands()
-    app()
+    app(prog_name="optjob")

@@ -84,7 +84,7 @@ def validate(
         request = load_request(spec)
         plan = build_plan(request, region=load_settings().region)
     except UnreadableSpec as exc:
-        err.print(f"unreadable: {exc}", markup=False, highlight=False, style="red")
+        err.print(f"unreadable: {exc}", markup=False, highlight=False, style="red", soft_wrap=True)
         raise typer.Exit(EXIT_UNREADABLE) from None
     except ApiError as exc:
         print_api_error(err, exc)
