@@ -128,27 +128,51 @@ def _bnb_decoder(reader: _Reader, qconfig: dict[str, Any]) -> Any:
     return decode
 
 
+_CHUNK_ELEMENTS = 1 << 22  # ~4 M elements (16 MB in float32) per step of the direct comparison
+
+
 def _compare_tensor(deq: torch.Tensor, src: torch.Tensor, mode: Mode) -> tuple[float, float]:
-    d = deq.double().reshape(src.shape) if deq.numel() == src.numel() else deq.double()
-    s = src.double()
-    if d.shape != s.shape:
+    d = deq.reshape(src.shape) if deq.numel() == src.numel() else deq
+    if d.shape != src.shape:
         return math.inf, -1.0
-    if mode == "channel_rescaled" and s.ndim == 2:
-        # Alternating least squares for d ~ diag(r) @ s @ diag(c): smoothing scales input
-        # channels (folded into the previous norm) and output channels (of the previous linear).
-        r = torch.ones(s.shape[0], 1, dtype=s.dtype)
-        c = torch.ones(1, s.shape[1], dtype=s.dtype)
-        for _ in range(4):
-            rs = r * s
-            c = (d * rs).sum(0, keepdim=True) / (rs * rs).sum(0, keepdim=True).clamp_min(1e-30)
-            sc = s * c
-            r = (d * sc).sum(1, keepdim=True) / (sc * sc).sum(1, keepdim=True).clamp_min(1e-30)
-        s = r * s * c
-    diff = torch.linalg.vector_norm(d - s)
-    norm = torch.linalg.vector_norm(s).clamp_min(1e-30)
-    cos = torch.nn.functional.cosine_similarity(d.flatten(), s.flatten(), dim=0)
-    rel = float(diff / norm)
-    return (rel if math.isfinite(rel) else math.inf), (float(cos) if math.isfinite(float(cos)) else -1.0)
+    if mode == "channel_rescaled" and src.ndim == 2:
+        return _compare_rescaled(d.double(), src.double())
+    return _compare_direct(d, src)
+
+
+def _compare_direct(d: torch.Tensor, s: torch.Tensor) -> tuple[float, float]:
+    """Relative L2 error and cosine, accumulated in float64 over float32 row blocks.
+
+    An embedding of a large-vocabulary model has hundreds of millions of elements: converting it
+    whole to float64 (three or four temporaries) costs several times the model's size in memory,
+    so the sums are built a block at a time and peak memory stays at a few blocks.
+    """
+    flat_d, flat_s = d.reshape(-1), s.reshape(-1)
+    err = ref = out = dot = 0.0
+    for start in range(0, flat_s.numel(), _CHUNK_ELEMENTS):
+        bd = flat_d[start : start + _CHUNK_ELEMENTS].float()
+        bs = flat_s[start : start + _CHUNK_ELEMENTS].float()
+        err += float(torch.sum((bd - bs).double() ** 2))
+        ref += float(torch.sum(bs.double() ** 2))
+        out += float(torch.sum(bd.double() ** 2))
+        dot += float(torch.sum(bd.double() * bs.double()))
+    rel = math.sqrt(err) / max(math.sqrt(ref), 1e-30)
+    cos = dot / max(math.sqrt(out) * math.sqrt(ref), 1e-30)
+    return (rel if math.isfinite(rel) else math.inf), (cos if math.isfinite(cos) else -1.0)
+
+
+def _compare_rescaled(d: torch.Tensor, s: torch.Tensor) -> tuple[float, float]:
+    """Alternating least squares for d ~ diag(r) @ s @ diag(c): smoothing scales input channels
+    (folded into the previous norm) and output channels (of the previous linear). Linear weights
+    only, so whole-tensor float64 is affordable here."""
+    r = torch.ones(s.shape[0], 1, dtype=s.dtype)
+    c = torch.ones(1, s.shape[1], dtype=s.dtype)
+    for _ in range(4):
+        rs = r * s
+        c = (d * rs).sum(0, keepdim=True) / (rs * rs).sum(0, keepdim=True).clamp_min(1e-30)
+        sc = s * c
+        r = (d * sc).sum(1, keepdim=True) / (sc * sc).sum(1, keepdim=True).clamp_min(1e-30)
+    return _compare_direct(d, r * s * c)
 
 
 def quantization_config(output_dir: Path) -> dict[str, Any]:
