@@ -132,6 +132,7 @@ def quantize_shards(
     the model had been loaded in that dtype. Index and config are written by the caller.
     """
     from safetensors.torch import load_file, save_file
+    from transformers.initialization import no_init_weights
 
     converter = _converter(config)
     ignore = list(config.ignore or [])
@@ -149,11 +150,14 @@ def quantize_shards(
             if param == "weight" and module in linear_modules and not is_ignored(module, ignore):
                 targets[name] = tensors.pop(name)
         done: list[str] = []
-        for name in sorted(targets):
-            if cancel is not None:
-                cancel.raise_if_cancelled()
-            tensors.update(converter.process({name: targets.pop(name)}))
-            done.append(name.rpartition(".")[0])
+        # The converter builds an nn.Linear per weight and then overwrites its parameters; its
+        # random initialisation would otherwise be ~40% of the quantization time.
+        with no_init_weights():
+            for name in sorted(targets):
+                if cancel is not None:
+                    cancel.raise_if_cancelled()
+                tensors.update(converter.process({name: targets.pop(name)}))
+                done.append(name.rpartition(".")[0])
         out_path = out_dir / Path(shard).name
         save_file(tensors, str(out_path), metadata={"format": "pt"})
         size = sum(t.numel() * t.element_size() for t in tensors.values())
