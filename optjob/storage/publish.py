@@ -332,6 +332,7 @@ class Publisher:
     def commit(self, local_dir: Path | str, manifest: dict[str, Any]) -> PublishResult:
         """Upload every file of ``local_dir`` not uploaded yet (or changed since), then the manifest."""
         json.dumps(manifest)  # fail before uploading gigabytes if the caller's fields cannot be written
+        committing = time.time()
         files = _local_files(Path(local_dir))
         with self._lock:
             done = dict(self._uploaded)
@@ -379,7 +380,7 @@ class Publisher:
                 "timings": {
                     **manifest.get("timings", {}),
                     "publish_started": self._started,
-                    "publish_hash_seconds": round(hashed - self._started, 3),
+                    "publish_hash_seconds": round(hashed - committing, 3),
                     "publish_upload_seconds": round(finished - hashed + self._upload_seconds, 3),
                 },
                 "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
