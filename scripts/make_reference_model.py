@@ -220,9 +220,9 @@ def _train(model: Any, data: Any, args: RefArgs, log_every: int) -> dict[str, An
 def _build(out: Path, args: RefArgs, log_every: int) -> dict[str, Any]:
     import torch
     from safetensors.torch import save_file
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig, LlamaForCausalLM
 
-    from optjob.testing.tiny_model import build_tokenizer
+    from optjob.testing.tiny_model import build_tokenizer, llama_config
 
     t0 = time.perf_counter()
     train_texts, held_texts, corpus = split_corpus(corpus_files(args.max_corpus_bytes), args.holdout_every)
@@ -237,19 +237,10 @@ def _build(out: Path, args: RefArgs, log_every: int) -> dict[str, Any]:
     print(f"corpus: {json.dumps(corpus)} (tokenizer + encoding {prep_s:.1f} s)", flush=True)
 
     torch.manual_seed(args.seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    config = llama_config(
+        tokenizer, hidden=args.hidden, intermediate=args.intermediate, layers=args.layers,
+        heads=args.heads, kv_heads=args.kv_heads,
+    )  # fmt: skip
     model = LlamaForCausalLM(config)
     params = sum(p.numel() for p in model.parameters())
     windows = bench_common.heldout_windows(held_ids, seq=args.seq, count=args.eval_windows)

@@ -34,6 +34,26 @@ def _training_texts() -> list[str]:
     return load_texts(None)
 
 
+def llama_config(tokenizer: Any, *, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int) -> Any:
+    """The Llama architecture of the locally built models (tests' tiny one, the benchmark reference),
+    with the special tokens of ``tokenizer`` and untied embeddings as in Llama 3."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
 def build_tokenizer(out_dir: Path, *, vocab: int, texts: list[str]) -> Any:
     """Byte-level BPE trained on local text, wrapped as ``PreTrainedTokenizerFast`` and saved."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -106,23 +126,13 @@ def _build(
     dtype: str,
 ) -> None:
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig, LlamaForCausalLM
 
     texts = _training_texts()
     tokenizer = build_tokenizer(out, vocab=vocab, texts=texts)
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+    config = llama_config(
+        tokenizer, hidden=hidden, intermediate=intermediate, layers=layers, heads=heads, kv_heads=kv_heads
     )
     model = LlamaForCausalLM(config)
     loss = _train(model, tokenizer, texts, steps=train_steps, seq=128, seed=seed) if train_steps else None
