@@ -52,9 +52,10 @@ _LIBRARIES = (
 
 
 def cache_root() -> Path:
-    """``$OPTJOB_CACHE_DIR`` or ``~/.cache/optjob``: the same convention as optjob.testing.tiny_model."""
-    base = os.environ.get("OPTJOB_CACHE_DIR")
-    return Path(base) if base else Path.home() / ".cache" / "optjob"
+    """``$OPTJOB_CACHE_DIR`` or ``~/.cache/optjob``, shared with optjob.testing.tiny_model."""
+    from optjob.testing.tiny_model import cache_base
+
+    return cache_base()
 
 
 def versions() -> dict[str, str]:
@@ -345,6 +346,12 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, title:
     text = "\n".join(lines)
     print(text, flush=True)
     return text
+
+
+def save_result(name: str, record: Any, path: Path | None = None) -> None:
+    """Write a benchmark's record to ``path``, or to a time-stamped file under the cache's results."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    write_json(path or cache_root() / "bench" / "results" / f"{name}-{stamp}.json", record)
 
 
 def write_json(path: Path, record: Any) -> None:

@@ -634,10 +634,7 @@ def main(argv: list[str] | None = None) -> None:
     if opts.baseline_worker:
         opts.result.write_text(json.dumps(baseline_worker(opts.src_uri, opts.dst_uri, opts.tmp)))
         return
-    record = run(opts)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = opts.json or bench_common.cache_root() / "bench" / "results" / f"bench_pipeline-{stamp}.json"
-    bench_common.write_json(path, record)
+    bench_common.save_result("bench_pipeline", run(opts), opts.json)
 
 
 if __name__ == "__main__":

@@ -519,10 +519,7 @@ def main(argv: list[str] | None = None) -> None:
         opts.schemes = "fp8_dynamic"
     opts.calib_size = opts.calib_size or (16 if opts.quick else 512)
     opts.max_seq = opts.max_seq or (64 if opts.quick else 2048)
-    record = run(opts)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = opts.json or bench_common.cache_root() / "bench" / "results" / f"bench_quality-{stamp}.json"
-    bench_common.write_json(path, record)
+    bench_common.save_result("bench_quality", run(opts), opts.json)
 
 
 if __name__ == "__main__":

@@ -220,9 +220,9 @@ def _train(model: Any, data: Any, args: RefArgs, log_every: int) -> dict[str, An
 def _build(out: Path, args: RefArgs, log_every: int) -> dict[str, Any]:
     import torch
     from safetensors.torch import save_file
-    from transformers import GenerationConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    from optjob.testing.tiny_model import build_tokenizer, llama_config
+    from optjob.testing.tiny_model import build_tokenizer, llama_config, save_generation_config
 
     t0 = time.perf_counter()
     train_texts, held_texts, corpus = split_corpus(corpus_files(args.max_corpus_bytes), args.holdout_every)
@@ -252,13 +252,7 @@ def _build(out: Path, args: RefArgs, log_every: int) -> dict[str, Any]:
     model = model.to(getattr(torch, args.dtype))
     model.config.dtype = args.dtype
     model.save_pretrained(model_dir, safe_serialization=True)
-    GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-        max_new_tokens=32,
-    ).save_pretrained(model_dir)
+    save_generation_config(tokenizer, model_dir)
     saved = bench_common.load_causal_lm(model_dir, float32=True)
     trained_ppl = bench_common.perplexity(saved, windows)
     return {

@@ -23,9 +23,14 @@ _BUILDER_VERSION = 3
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
 
 
-def cache_root() -> Path:
+def cache_base() -> Path:
+    """``$OPTJOB_CACHE_DIR`` or ``~/.cache/optjob``: where locally built models and benchmarks cache."""
     base = os.environ.get("OPTJOB_CACHE_DIR")
-    return (Path(base) if base else Path.home() / ".cache" / "optjob") / "tiny-models"
+    return Path(base) if base else Path.home() / ".cache" / "optjob"
+
+
+def cache_root() -> Path:
+    return cache_base() / "tiny-models"
 
 
 def _training_texts() -> list[str]:
@@ -52,6 +57,19 @@ def llama_config(tokenizer: Any, *, hidden: int, intermediate: int, layers: int,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
+
+
+def save_generation_config(tokenizer: Any, out: Path) -> None:
+    """Greedy decoding with the tokenizer's special tokens, as the locally built models ship it."""
+    from transformers import GenerationConfig
+
+    GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        max_new_tokens=32,
+    ).save_pretrained(out)
 
 
 def build_tokenizer(out_dir: Path, *, vocab: int, texts: list[str]) -> Any:
@@ -126,7 +144,7 @@ def _build(
     dtype: str,
 ) -> None:
     import torch
-    from transformers import GenerationConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     texts = _training_texts()
     tokenizer = build_tokenizer(out, vocab=vocab, texts=texts)
@@ -141,13 +159,7 @@ def _build(
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     shard_size = f"{max(1, total // shards // 1000 + 1)}KB" if shards > 1 else "50GB"
     model.save_pretrained(out, max_shard_size=shard_size, safe_serialization=True)
-    GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-        max_new_tokens=32,
-    ).save_pretrained(out)
+    save_generation_config(tokenizer, out)
     (out / "optjob_tiny_model.json").write_text(
         json.dumps({"final_train_loss": loss, "train_steps": train_steps, "seed": seed}, indent=1)
     )
