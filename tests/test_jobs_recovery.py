@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,6 +131,40 @@ def test_reused_pid_is_not_mistaken_for_the_worker(service: JobService, settings
     record = service.get("ghost")
     assert record.status == "FAILED" and "no executor was watching" in (record.failure_reason or "")
     assert runner.workers == {}
+
+
+def test_asking_who_holds_the_lock_never_takes_it(settings: Settings) -> None:
+    """A probe running while an executor starts must not make that executor think it lost the race."""
+    stop = threading.Event()
+    probes = 0
+
+    def probe() -> None:
+        nonlocal probes
+        while not stop.is_set():
+            ExecutorLock(settings).holder(settle_s=0)
+            probes += 1
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        refused = 0
+        for _ in range(300):
+            lock = ExecutorLock(settings)
+            if lock.acquire():
+                assert lock.held()
+                lock.release()
+            else:
+                refused += 1
+    finally:
+        stop.set()
+        prober.join()
+    assert probes > 0
+    assert refused == 0
+
+    # Nor does a probe rewrite the pid a past holder left in the file.
+    (settings.home / "executor.lock").write_text("4242\n")
+    assert executor_pid(settings) is None
+    assert (settings.home / "executor.lock").read_text() == "4242\n"
 
 
 def test_one_executor_per_home_and_idle_exit(settings: Settings, daemons: list) -> None:

@@ -7,7 +7,7 @@
   ``python -m optjob.jobs.daemon``, a detached executor that exits after it has been idle
   (no active job) for ``OPTJOB_EXECUTOR_IDLE_SECONDS`` (default 60).
 
-The lock is ``flock`` on ``$OPTJOB_HOME/executor.lock``; the kernel drops it when its holder dies
+The lock is an OFD lock on ``$OPTJOB_HOME/executor.lock``; the kernel drops it when its holder dies
 (even by SIGKILL), so a dead control process never blocks its successor, and the successor's
 first tick settles or adopts whatever the dead one left behind. The lock's file descriptor is
 not inherited by workers (Python opens files close-on-exec), so a surviving worker cannot keep
@@ -21,12 +21,15 @@ takes the lock back if anything is active, so one of the two always sees the oth
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -39,20 +42,31 @@ DEFAULT_IDLE_S = 60.0
 
 
 class ExecutorLock:
-    """The one-executor-per-home lock; the holder's pid is written into the file for humans."""
+    """The one-executor-per-home lock; the holder's pid is written into the file for humans.
+
+    It is an open-file-description lock (``F_OFD_SETLK``), not ``flock``, because OFD locks can be
+    *queried* (``F_OFD_GETLK``) without being taken. A probe that took the lock for a moment, as
+    ``holder()`` once did, made a daemon starting at that instant believe another executor ran
+    and leave, stranding the jobs it was started for.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.path = settings.home / "executor.lock"
         self._fd: int | None = None
 
-    def acquire(self) -> bool:
+    def _open(self) -> int:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def acquire(self) -> bool:
+        fd = self._open()
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK))
+        except OSError as err:
             os.close(fd)
-            return False
+            if err.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
@@ -63,15 +77,40 @@ class ExecutorLock:
             os.close(self._fd)
             self._fd = None
 
-    def holder(self) -> int | None:
-        """The pid that holds the lock, or None when no executor is running."""
-        if self.acquire():
-            self.release()
-            return None
+    def held(self) -> bool:
+        """Whether any open file description (this process's included) holds the lock."""
+        fd = self._open()
         try:
-            return int(self.path.read_text().strip() or 0) or None
-        except (OSError, ValueError):
-            return None
+            answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock(fcntl.F_WRLCK))
+        finally:
+            os.close(fd)
+        return struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK
+
+    def holder(self, settle_s: float = 2.0) -> int | None:
+        """The pid that holds the lock, or None when no executor is running.
+
+        A new holder writes its pid just after it takes the lock, so an empty file under a held
+        lock is waited out briefly rather than reported as "nobody".
+        """
+        deadline = time.monotonic() + settle_s
+        while self.held():
+            try:
+                pid = int(self.path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid or time.monotonic() > deadline:
+                return pid or None
+            time.sleep(0.01)
+        return None
+
+
+# struct flock on Linux (x86_64 and aarch64): l_type, l_whence, l_start, l_len, l_pid, padding.
+_FLOCK = "hhqqi4x"
+
+
+def _flock(kind: int) -> bytes:
+    """A whole-file lock request; l_pid must be 0 for OFD locks."""
+    return struct.pack(_FLOCK, kind, os.SEEK_SET, 0, 0, 0)
 
 
 def executor_pid(settings: Settings) -> int | None:
