@@ -147,3 +147,32 @@ def test_streaming_fetch_hands_files_over_in_order_as_they_land(
     assert time.monotonic() < deadline
     assert {f.path for f in result.files} == set(fetch.remotes)
     assert all(f.etag for f in result.files)
+
+
+def test_streaming_fetch_never_shows_a_partial_or_unchecked_file(
+    s3_bucket: S3Bucket, sharded_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stage copies the source directory's small files into the model it publishes; a file the
+    transfer manager is still writing (or that is not yet checked) must never be there to copy."""
+    import optjob.storage.stream as stream
+
+    s3_bucket.upload_dir(sharded_model, "model")
+    dest = tmp_path / "src"
+    seen: list[tuple[str, set[str]]] = []
+    real_hash = stream.sha256_file
+
+    def hash_and_look(path: Path, cancel: CancelToken | None = None) -> str:
+        # The moment a file is fully downloaded but not yet verified.
+        seen.append((path.name, {p.name for p in dest.rglob("*") if p.is_file()} if dest.exists() else set()))
+        return real_hash(path, cancel)
+
+    monkeypatch.setattr(stream, "sha256_file", hash_and_look)
+    fetch = StreamingFetch(s3_bucket.uri("model/"), dest, cancel=CancelToken())
+    fetch.start(order=sorted(fetch.remotes))
+    result = fetch.result()
+    assert len(seen) == len(fetch.remotes)
+    for name, present in seen:
+        assert name not in present, f"{name} was in the source directory before it was checked"
+        assert present <= set(fetch.remotes), f"unexpected files in the source directory: {present}"
+    assert {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()} == {f.path for f in result.files}
+    assert not fetch.incoming.exists()

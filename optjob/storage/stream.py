@@ -5,10 +5,17 @@ stage that works shard by shard would then wait for the slowest shard before sta
 background thread downloads one file at a time (each still multipart and parallel inside), in
 the consumer's order, and hands every file over as soon as its size and checksum are verified,
 so download, quantization and upload overlap. No cache: a streaming job reads each shard once.
+
+Files are written under a sibling ``<dest>.incoming`` directory and renamed into ``dest`` only
+once verified, so ``dest`` never holds a partial or unchecked file: the transfer manager's
+temporary names (``shard.safetensors.F7e5DEDC``) once showed up there mid-download and were
+copied into a published model as if they were part of it.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -44,6 +51,7 @@ class StreamingFetch:
         self.uri = uri
         self.location = parse_s3_uri(uri)
         self.dest = Path(dest_dir)
+        self.incoming = self.dest.with_name(self.dest.name + ".incoming")
         self.settings = settings or S3Settings()
         self.cancel = (cancel or CancelToken()).child()  # stop() ends this fetch, not the job
         self.client = client or make_client(self.settings)
@@ -76,19 +84,25 @@ class StreamingFetch:
             for rel in sequence:
                 self.cancel.raise_if_cancelled()
                 remote = self.remotes[rel]
-                target = self.dest / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                task = TransferTask(self.location.bucket, remote.key, target, remote.size, etag=remote.etag)
+                partial = self.incoming / rel
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                task = TransferTask(self.location.bucket, remote.key, partial, remote.size, etag=remote.etag)
                 # Events belong to the consumer's thread: progress is read from bytes_done instead.
                 run_transfers(self.client, self.settings, [task], direction="download", events=NULL_SINK,
                               cancel=self.cancel, stage=STAGE)  # fmt: skip
-                self.files[rel] = _checked(remote, task, sha256_file(target, self.cancel))
+                checked = _checked(remote, task, sha256_file(partial, self.cancel))
+                final = self.dest / rel
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(partial, final)
+                self.files[rel] = checked
                 self.bytes_done += remote.size
                 self._ready[rel].set()
         except BaseException as exc:  # handed to the consumer, which raises it in its own thread
             self._error = exc
             for event in self._ready.values():
                 event.set()
+        finally:
+            shutil.rmtree(self.incoming, ignore_errors=True)
 
     def wait(self, rel: str) -> Path:
         """The local path of ``rel`` once downloaded and verified; raises the download's error."""
