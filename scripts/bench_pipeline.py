@@ -380,6 +380,8 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     model_dir, synth = synthetic_checkpoint(arch)
     prep_s = time.perf_counter() - t0
     size = dir_bytes(model_dir)
+    if opts.work_dir is not None:
+        opts.work_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-", dir=opts.work_dir))
     record = bench_common.banner(
         "bench_pipeline",
