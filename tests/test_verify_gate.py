@@ -108,6 +108,34 @@ def test_memory_preflight_names_the_numbers(tiny, tmp_path):
         tech.run(stage, ctx)
 
 
+def test_memory_preflight_counts_shards_that_have_not_arrived(tmp_path_factory):
+    """A streaming job plans while shards download: the estimate must be the whole model's."""
+    import shutil
+
+    from optjob.techniques.quantize import memory
+
+    full = build_tiny_llama(tmp_path_factory.mktemp("sharded") / "m", shards=3, train_steps=0)
+    index = json.loads((full / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    arriving = tmp_path_factory.mktemp("arriving")
+    for item in full.iterdir():
+        if not item.name.endswith(".safetensors") or item.name == shards[0]:
+            shutil.copy2(item, arriving / item.name)
+
+    params = parse_params({"OPTION_QUANTIZE": "fp8", "OPTION_FP8_SCHEME": "FP8_DYNAMIC"})
+    target = instance("ml.g5.xlarge")
+
+    def fit(model_dir):
+        linear = streaming.linear_module_names(model_dir)
+        return memory.estimate(model_dir, params, target, linear_modules=linear, ignore=params.ignore, dtype="auto")
+
+    whole, partial = fit(full), fit(arriving)
+    assert partial.quantized_weight_gib == pytest.approx(whole.quantized_weight_gib)
+    assert partial.other_weight_gib == pytest.approx(whole.other_weight_gib)
+    assert partial.per_accelerator_gib == pytest.approx(whole.per_accelerator_gib)
+
+
 def test_thresholds_cover_every_scheme():
     cfg_schemes = {"awq", "gptq", "smoothquant", "fp8", "fp8_dynamic", "fp8_block", "nvfp4", "mxfp4", "nf4", "int8"}
     from optjob.verify.gate import thresholds_config

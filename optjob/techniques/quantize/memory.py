@@ -16,6 +16,7 @@ from typing import Any
 
 from optjob.config_files import load_config
 from optjob.errors import InputError
+from optjob.storage.inputs import SAFETENSORS_INDEX as WEIGHTS_INDEX
 from optjob.targets.catalog import InstanceSpec
 from optjob.techniques.quantize.params import QuantizationParams
 
@@ -38,30 +39,17 @@ class MemoryFit:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
 
-_TORCH_TO_ST = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-
-
-def _shapes_from_config(model_dir: Path) -> dict[str, tuple[str, int]]:
-    """name -> (dtype, numel) from ``config.json`` alone: a streaming job plans before any shard lands."""
-    import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_dir)
-    with init_empty_weights(include_buffers=True):
-        model = AutoModelForCausalLM.from_config(config)
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    name = _TORCH_TO_ST.get(str(dtype).removeprefix("torch."), "F32")
-    return {key: (name, param.numel()) for key, param in model.named_parameters()}
-
-
 def _tensor_shapes(model_dir: Path) -> dict[str, tuple[str, int]]:
-    """name -> (dtype, numel) from safetensors headers (from config.json when no shard is local yet)."""
+    """name -> (dtype, numel): from the safetensors headers when every shard is local, else from the
+    architecture. A streaming job plans while its shards are still arriving, and counting only the
+    ones already there would report a model as fitting when it does not."""
     from safetensors import safe_open
 
-    files = sorted(model_dir.glob("*.safetensors"))
+    from optjob.techniques.quantize.skeleton import skeleton
+
+    files = _complete_weight_files(model_dir)
     if not files:
-        return _shapes_from_config(model_dir)
+        return skeleton(model_dir).parameters
     out: dict[str, tuple[str, int]] = {}
     for file in files:
         with safe_open(str(file), "pt") as handle:
@@ -72,6 +60,16 @@ def _tensor_shapes(model_dir: Path) -> dict[str, tuple[str, int]]:
                     numel *= dim
                 out[key] = (sl.get_dtype(), numel)
     return out
+
+
+def _complete_weight_files(model_dir: Path) -> list[Path]:
+    """Every weight file the checkpoint has, or [] if any of them is not local (yet)."""
+    index = model_dir / WEIGHTS_INDEX
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        files = [model_dir / name for name in names]
+        return files if files and all(f.is_file() for f in files) else []
+    return sorted(model_dir.glob("*.safetensors"))
 
 
 def weight_bits(params: QuantizationParams) -> float:

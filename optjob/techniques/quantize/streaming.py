@@ -63,13 +63,9 @@ def torch_dtype(name: str | None) -> torch.dtype | None:
 
 def linear_module_names(config_dir: Path) -> set[str]:
     """Names of every ``nn.Linear`` in the architecture, from ``config.json`` alone (meta device)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from optjob.techniques.quantize.skeleton import skeleton
 
-    config = AutoConfig.from_pretrained(config_dir)
-    with init_empty_weights(include_buffers=True):
-        model = AutoModelForCausalLM.from_config(config)
-    return {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    return set(skeleton(config_dir).linear_modules)
 
 
 def is_ignored(module_name: str, ignore: Sequence[str]) -> bool:
