@@ -117,6 +117,8 @@ class StreamingFetch:
         """Every file, after all downloads finished (raises the download's error)."""
         for rel in self.remotes:
             self.wait(rel)
+        if self._thread is not None:
+            self._thread.join()  # its cleanup of the incoming directory is done too
         files = [self.files[rel] for rel in sorted(self.files)]
         return FetchedModel(
             source_uri=self.uri, path=self.dest, files=files, total_bytes=sum(f.size for f in files),
