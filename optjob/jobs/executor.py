@@ -24,7 +24,6 @@ tests can drive ``tick`` directly.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from optjob.jobs.logs import JobLog
 from optjob.jobs.outcomes import capacity_reason, died_reason, end_stopping, fail
 from optjob.jobs.store import JobRecord, Store, now_ms
 from optjob.jobs.worker import process_ctime
+from optjob.pipeline.scratch import discard, sweep
 from optjob.settings import Settings
 
 DEFAULT_POLL_S = 0.2
@@ -117,6 +117,7 @@ class Executor:
     def run(self, stop: threading.Event, *, idle_exit_s: float | None = None) -> None:
         """Tick until ``stop`` is set, or until nothing has been active for ``idle_exit_s``."""
         idle_since: float | None = None
+        threading.Thread(target=sweep, args=(self.settings.work_root,), name="optjob-sweep", daemon=True).start()
         while not stop.is_set():
             try:
                 busy = self.tick()
@@ -263,7 +264,7 @@ class Executor:
         record = self.store.get(tracked.name)
         if record is not None and record.worker_pid not in (None, tracked.pid):
             return  # not ours (another worker owns the job now)
-        shutil.rmtree(self.settings.work_root / tracked.name, ignore_errors=True)
+        discard(self.settings.work_root / tracked.name)  # a dead worker's scratch; deleted in the background
         log = JobLog(tracked.log_path)
         if returncode is not None:
             log.write("executor", "exited", f"worker pid {tracked.pid} exited with status {returncode}")

@@ -18,6 +18,7 @@ from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import NULL_SINK, EventSink
 from optjob.pipeline.outcome import RunOutcome
 from optjob.pipeline.plan import Plan
+from optjob.pipeline.scratch import discard
 from optjob.pipeline.stage import StageContext, technique_for
 from optjob.pipeline.streaming import run_streaming, streaming_technique
 from optjob.pipeline.transfer import build_manifest, fetch_source, publish_output
@@ -91,7 +92,8 @@ def run_plan(
 
     Nothing is presented as a finished model before every stage has finished and verified: the
     manifest is written last, and a failure removes whatever was uploaded. The scratch directory
-    (source, intermediate stages) is removed on every exit.
+    (source, intermediate stages) is removed on every exit: moved aside at once and deleted on a
+    background thread the process waits for at exit (``scratch.discard``).
     """
     cancel = cancel or CancelToken()
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -111,4 +113,4 @@ def run_plan(
         outcome.published = publish_output(plan, final_dir, manifest, settings=storage, events=events, cancel=cancel)
         return outcome
     finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        discard(work_dir)

@@ -133,7 +133,7 @@ class QuantizationTechnique(StreamingTechnique):
     ) -> StageResult:
         from optjob.techniques.quantize import engines, memory, streaming
         from optjob.verify.gate import per_tensor_mode, run_gate
-        from optjob.verify.tensors import compare_shard, merge, quantization_config
+        from optjob.verify.tensors import quantization_config
 
         params = QuantizationParams(**stage.params["options"])
         scheme: dict[str, Any] = stage.params["scheme"]
@@ -162,27 +162,28 @@ class QuantizationTechnique(StreamingTechnique):
         t0 = time.monotonic()
         engine = stage.engine
         details: dict[str, Any] = {}
-        shard_figures = []
+        shard_figures = None
         if engine == "streaming":
-            mode = per_tensor_mode(scheme["verify_key"])
+            from optjob.techniques.quantize.shard_checks import ShardChecker
 
-            def shard_done(done: streaming.ShardDone) -> None:
-                # Checked while the next shard downloads; only a checked shard is handed over.
-                shard_figures.append(compare_shard(done.source, done.output, quantization_config(out), mode=mode))
-                if on_output is not None:
-                    on_output(done.output)
-
-            result = streaming.quantize_checkpoint(
-                src,
-                out,
-                preset=scheme["preset"],
-                ignore=params.ignore,
-                dtype=dtype,
-                shards=weights,
-                on_shard_done=shard_done,
-                cancel=ctx.cancel,
-                events=ctx.events,
-            )
+            checker = ShardChecker(lambda: quantization_config(out), per_tensor_mode(scheme["verify_key"]), on_output)
+            try:
+                result = streaming.quantize_checkpoint(
+                    src,
+                    out,
+                    preset=scheme["preset"],
+                    ignore=params.ignore,
+                    dtype=dtype,
+                    shards=weights,
+                    on_shard_done=lambda done: checker.submit(done.source, done.output),
+                    cancel=ctx.cancel,
+                    events=ctx.events,
+                )
+                shard_figures = checker.finish()
+            except BaseException:
+                checker.abort()
+                raise
+            timings["shard_checks_s"] = round(checker.seconds, 3)
             details = {"shards": len(result.shards), "quantized_modules": len(result.quantized_modules)}
         elif engine == "llmcompressor":
             details = engines.llmcompressor_quantize(
@@ -211,7 +212,7 @@ class QuantizationTechnique(StreamingTechnique):
         try:
             report = run_gate(
                 src, out, scheme["verify_key"], events=ctx.events,
-                per_tensor_figures=merge(shard_figures) if shard_figures else None,
+                per_tensor_figures=shard_figures,
             )  # fmt: skip
         except VerificationFailed:
             rejected = Path(ctx.work_dir) / "rejected-output"
