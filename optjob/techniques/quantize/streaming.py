@@ -1,9 +1,9 @@
 """Data-free quantization shard by shard: FP8_DYNAMIC, FP8_BLOCK and round-to-nearest int schemes.
 
 Weight-only-calibrated schemes need nothing but the weights, so there is no reason to build the
-model: each safetensors shard is read, its Linear weights are quantized and compressed, and an
-output shard is written before the next one is read. Peak memory is about two shards (input and
-output) whatever the model size, and the job takes about as long as copying the checkpoint.
+model: each safetensors shard is read tensor by tensor, its Linear weights are quantized and
+compressed, and the output shard is written as it goes. Peak memory is about one tensor (plus the
+libraries), whatever the model or shard size.
 
 The per-tensor arithmetic and the on-disk format are llm-compressor's own: every targeted weight
 goes through the same lifecycle its ``model_free_ptq`` uses (``initialize_quantized_linear`` ->
@@ -36,6 +36,8 @@ from optjob.techniques.quantize import fp8_cpu
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_ST_DTYPE = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+_FLOAT_ST = ("F16", "BF16", "F32", "F64")
 
 
 @dataclass
@@ -124,12 +126,14 @@ def quantize_shards(
     """Quantize safetensors shards one at a time into ``out_dir`` (same file names).
 
     ``shards`` may be a lazy iterator; each is fully written (and ``on_shard_done`` called)
-    before the next is read, so at most one input and one output shard are in memory.
+    before the next is read. Within a shard one tensor is in memory at a time (``shard_io``):
+    weights are read, quantized and appended; everything else is copied across as bytes.
     ``dtype`` casts floating tensors first (e.g. fp16 for targets without bf16), exactly as if
     the model had been loaded in that dtype. Index and config are written by the caller.
     """
-    from safetensors.torch import load_file, save_file
     from transformers.initialization import no_init_weights
+
+    from optjob.techniques.quantize.shard_io import ShardReader, ShardWriter, header_reserve
 
     fp8_cpu.install()  # same bits as the library's FP8 compression, several times faster on CPU
     converter = _converter(config)
@@ -139,37 +143,49 @@ def quantize_shards(
     for number, shard in enumerate(shards):
         if cancel is not None:
             cancel.raise_if_cancelled()
-        tensors = load_file(str(shard))
-        if dtype is not None:
-            tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-        targets = {}
-        for name in list(tensors):
-            module, _, param = name.rpartition(".")
-            if param == "weight" and module in linear_modules and not is_ignored(module, ignore):
-                targets[name] = tensors.pop(name)
-        done: list[str] = []
-        # The converter builds an nn.Linear per weight and then overwrites its parameters; its
-        # random initialisation would otherwise be ~40% of the quantization time.
-        with no_init_weights():
-            for name in sorted(targets):
-                if cancel is not None:
-                    cancel.raise_if_cancelled()
-                tensors.update(converter.process({name: targets.pop(name)}))
-                done.append(name.rpartition(".")[0])
         out_path = out_dir / Path(shard).name
-        save_file(tensors, str(out_path), metadata={"format": "pt"})
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        done: list[str] = []
+        with ShardReader(Path(shard)) as reader:
+            names = reader.names()
+            writer = ShardWriter(out_path, reserve=header_reserve(names))
+            try:
+                # The converter builds an nn.Linear per weight and then overwrites its parameters;
+                # its random initialisation would otherwise be ~40% of the quantization time.
+                with no_init_weights():
+                    for name in names:
+                        if cancel is not None:
+                            cancel.raise_if_cancelled()
+                        module, _, param = name.rpartition(".")
+                        if param == "weight" and module in linear_modules and not is_ignored(module, ignore):
+                            weight = reader.read(name)
+                            if dtype is not None:
+                                weight = weight.to(dtype)
+                            for key, value in converter.process({name: weight}).items():
+                                writer.add(key, value)
+                            done.append(module)
+                        elif _cast_needed(reader.dtype(name), dtype):
+                            writer.add(name, reader.read(name).to(dtype))
+                        else:
+                            reader.copy_to(name, writer)  # unchanged: bytes straight across
+                writer.close(metadata={"format": "pt"})
+            except BaseException:
+                writer.abort()
+                raise
+        size = writer.bytes_written
         result.total_size += size
-        result.weight_map.update({k: out_path.name for k in tensors})
-        result.quantized_modules.extend(done)
-        info = ShardDone(Path(shard), out_path, number, done, size)
+        result.weight_map.update(dict.fromkeys(writer.names(), out_path.name))
+        result.quantized_modules.extend(sorted(done))
+        info = ShardDone(Path(shard), out_path, number, sorted(done), size)
         result.shards.append(info)
-        del tensors
         fraction = (number + 1) / total_shards if total_shards else None
         events("quantize", "shard", fraction, f"{out_path.name}: {len(done)} weights quantized")
         if on_shard_done is not None:
             on_shard_done(info)
     return result
+
+
+def _cast_needed(st_dtype: str, dtype: torch.dtype | None) -> bool:
+    return dtype is not None and st_dtype in _FLOAT_ST and _ST_DTYPE[dtype] != st_dtype
 
 
 def weight_files(model_dir: Path) -> list[Path]:
