@@ -142,3 +142,32 @@ def test_thresholds_cover_every_scheme():
 
     assert cfg_schemes <= set(thresholds_config()["schemes"])
     assert json.dumps(thresholds_for("awq"))
+
+
+@pytest.mark.parametrize("change", ["none", "one row", "everywhere"])
+def test_unquantized_tensors_compared_in_row_blocks_match_the_whole_tensor_figures(tmp_path, monkeypatch, change):
+    """Block sums (as used for a 0.5 GB embedding) equal the float64 figures of the whole tensor."""
+    from contextlib import ExitStack
+
+    from optjob.verify import tensors as vt
+
+    monkeypatch.setattr(vt, "_CHUNK_ELEMENTS", 3 * 16)  # 3 rows per block, so 34 rows make 12 blocks
+    gen = torch.Generator().manual_seed(5)
+    src = torch.randn(34, 16, generator=gen).to(torch.bfloat16)
+    out = src.clone()
+    if change == "one row":
+        out[20] += 0.5
+    elif change == "everywhere":
+        out = (out.float() * 1.01 + 0.001).to(torch.bfloat16)
+    (tmp_path / "s").mkdir()
+    (tmp_path / "o").mkdir()
+    save_file({"e": src}, str(tmp_path / "s" / "model.safetensors"))
+    save_file({"e": out}, str(tmp_path / "o" / "model.safetensors"))
+    with ExitStack() as stack:
+        rel, cos = vt._compare_stored(vt._Reader(tmp_path / "o", stack), vt._Reader(tmp_path / "s", stack), "e")
+    d, s = out.double(), src.double()
+    expected_rel = float((d - s).norm() / s.norm())
+    expected_cos = float((d * s).sum() / (d.norm() * s.norm()))
+    assert rel == pytest.approx(expected_rel, rel=1e-5, abs=1e-12)
+    assert cos == pytest.approx(expected_cos, rel=1e-6)
+    assert (rel == 0.0) == (change == "none")
