@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 from typing import NoReturn
 
+from optjob.runtime.allocator import tune_allocator
 from workers import __version__, exitcodes
 from workers.jsonlog import JsonLog
 from workers.spec import SPEC_ENV, SPEC_URI_ENV
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(detect_host().as_dict(), indent=2))
         return 0
+    tune_allocator()
     log = JsonLog()
     supervisor = Supervisor(Options(spec=args.spec, control_plane=args.control_plane, work_dir=args.work_dir), log)
     supervisor.install_signals()

@@ -32,6 +32,7 @@ from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import Event, EventSink
 from optjob.pipeline.plan import Plan
 from optjob.pipeline.run import RunOutcome
+from optjob.runtime.allocator import tune_allocator
 from optjob.settings import Settings, load_settings
 from optjob.storage.s3 import S3Settings
 
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m optjob.jobs.worker JOB_NAME", file=sys.stderr)
         return 64
+    tune_allocator()
     settings = load_settings()
     cancel = CancelToken()
     signal.signal(signal.SIGTERM, lambda *_: cancel.cancel("stopped"))

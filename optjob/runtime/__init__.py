@@ -1,0 +1,1 @@
+"""Process-level settings for the processes that run jobs (the worker and the container entrypoint)."""
