@@ -15,36 +15,15 @@ takes the cases it is exact for (see ``_applies``); every other call falls throu
 
 from __future__ import annotations
 
+import inspect
 import threading
+from typing import Any
 
 import torch
 
 _EXACT_SOURCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _lock = threading.Lock()
 _installed = False
-
-
-def _applies(
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor | None,
-    q_min: torch.Tensor,
-    q_max: torch.Tensor,
-    args: object,
-    dtype: torch.dtype | None = None,
-    global_scale: torch.Tensor | None = None,
-) -> bool:
-    return (
-        x.device.type == "cpu"
-        and x.dtype in _EXACT_SOURCE_DTYPES
-        and dtype == torch.float8_e4m3fn
-        and getattr(args, "type", None) == "float"
-        and getattr(args, "num_bits", None) == 8
-        and zero_point is None
-        and global_scale is None
-        and _bound_is_exact(q_min, x.dtype)
-        and _bound_is_exact(q_max, x.dtype)
-    )
 
 
 def _bound_is_exact(bound: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -67,6 +46,28 @@ def quantize_fp8_cpu(
     """``round(clamp(x / scale))`` in float8, computed as the library does, minus the lossless round trip."""
     scaled = x / scale
     return scaled.clamp_(float(q_min), float(q_max)).to(dtype)
+
+
+_SIGNATURE = inspect.signature(quantize_fp8_cpu)
+
+
+def _applies(*args: Any, **kwargs: Any) -> bool:
+    """Whether a ``_quantize`` call is one the kernel is exact for (same arguments as the call)."""
+    call = _SIGNATURE.bind(*args, **kwargs)
+    call.apply_defaults()
+    a = call.arguments
+    x, q_min, q_max = a["x"], a["q_min"], a["q_max"]
+    return (
+        x.device.type == "cpu"
+        and x.dtype in _EXACT_SOURCE_DTYPES
+        and a["dtype"] == torch.float8_e4m3fn
+        and getattr(a["args"], "type", None) == "float"
+        and getattr(a["args"], "num_bits", None) == 8
+        and a["zero_point"] is None
+        and a["global_scale"] is None
+        and _bound_is_exact(q_min, x.dtype)
+        and _bound_is_exact(q_max, x.dtype)
+    )
 
 
 def install() -> None:
