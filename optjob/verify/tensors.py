@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 import torch
 
+from optjob.storage.safetensors_io import ShardReader
+
 Mode = Literal["direct", "channel_rescaled"]
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 _QUANT_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_global_scale", "weight_shape", "SCB")
@@ -67,29 +69,52 @@ def _weight_map(model_dir: Path) -> dict[str, str]:
 
 
 class _Reader:
-    """Lazily opened safetensors files of one checkpoint; ``get`` materializes one tensor."""
+    """One checkpoint's safetensors files, opened lazily; ``get`` materializes one tensor.
+
+    Each file is first opened with the safetensors library (it must accept the header and offsets
+    whoever wrote them); data is then read with plain file reads (``storage.safetensors_io``)
+    rather than through the library's memory map, whose pages would stay in the job's resident
+    set until the file is closed.
+    """
 
     def __init__(self, model_dir: Path, stack: ExitStack, weight_map: dict[str, str] | None = None) -> None:
-        from safetensors import safe_open
-
         self.dir = model_dir
         self.map = _weight_map(model_dir) if weight_map is None else weight_map
-        self._open = safe_open
         self._stack = stack
-        self._handles: dict[str, Any] = {}
+        self._handles: dict[str, ShardReader] = {}
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+        return self._handle(name).read(name)
 
-    def slice(self, name: str) -> Any:
+    def slice(self, name: str) -> _Rows:
         """A lazy view (``get_shape``, ``get_dtype``, row slicing) that reads only what is indexed."""
-        return self._handle(name).get_slice(name)
+        return _Rows(self._handle(name), name)
 
-    def _handle(self, name: str) -> Any:
+    def _handle(self, name: str) -> ShardReader:
         file = self.map[name]
         if file not in self._handles:
-            self._handles[file] = self._stack.enter_context(self._open(str(self.dir / file), "pt"))
+            from safetensors import safe_open
+
+            path = self.dir / file
+            with safe_open(str(path), "pt"):
+                pass  # the library's own check of the header and offsets
+            self._handles[file] = self._stack.enter_context(ShardReader(path))
         return self._handles[file]
+
+
+class _Rows:
+    def __init__(self, reader: ShardReader, name: str) -> None:
+        self._reader, self._name = reader, name
+
+    def get_shape(self) -> list[int]:
+        return self._reader.shape(self._name)
+
+    def get_dtype(self) -> str:
+        return self._reader.dtype(self._name)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        stop = rows.stop if rows.stop is not None else self.get_shape()[0]
+        return self._reader.read_rows(self._name, rows.start or 0, stop)
 
 
 def _modules(names: list[str]) -> dict[str, list[str]]:

@@ -126,14 +126,14 @@ def quantize_shards(
     """Quantize safetensors shards one at a time into ``out_dir`` (same file names).
 
     ``shards`` may be a lazy iterator; each is fully written (and ``on_shard_done`` called)
-    before the next is read. Within a shard one tensor is in memory at a time (``shard_io``):
+    before the next is read. Within a shard one tensor is in memory at a time (``storage.safetensors_io``):
     weights are read, quantized and appended; everything else is copied across as bytes.
     ``dtype`` casts floating tensors first (e.g. fp16 for targets without bf16), exactly as if
     the model had been loaded in that dtype. Index and config are written by the caller.
     """
     from transformers.initialization import no_init_weights
 
-    from optjob.techniques.quantize.shard_io import ShardReader, ShardWriter, header_reserve
+    from optjob.storage.safetensors_io import ShardReader, ShardWriter, header_reserve
 
     fp8_cpu.install()  # same bits as the library's FP8 compression, several times faster on CPU
     converter = _converter(config)

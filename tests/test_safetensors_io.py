@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from optjob.techniques.quantize.shard_io import ShardReader, ShardWriter, header_reserve
+from optjob.storage.safetensors_io import ShardReader, ShardWriter, header_reserve
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -92,3 +92,16 @@ def test_a_truncated_shard_is_named(tmp_path: Path) -> None:
     path.write_bytes(data[:-100])
     with ShardReader(path) as reader, pytest.raises(ValueError, match="cut.safetensors: tensor w is cut short"):
         reader.read("w")
+
+
+def test_row_ranges_read_only_those_rows(tmp_path: Path) -> None:
+    tensors = _tensors()
+    path = tmp_path / "rows.safetensors"
+    save_file(tensors, str(path))
+    with ShardReader(path) as reader:
+        for name in ("model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "model.norm.weight", "mask"):
+            whole = tensors[name]
+            for start, stop in [(0, 1), (3, 17), (10, 10), (5, 10_000), (0, whole.shape[0])]:
+                assert _same(reader.read_rows(name, start, stop), whole[start:stop]), (name, start, stop)
+        with pytest.raises(ValueError, match="scalar"):
+            reader.read_rows("scalar", 0, 1)

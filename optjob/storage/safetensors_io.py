@@ -74,15 +74,33 @@ class ShardReader:
     def dtype(self, name: str) -> str:
         return self.table[name]["dtype"]
 
+    def shape(self, name: str) -> list[int]:
+        return list(self.table[name]["shape"])
+
     def read(self, name: str) -> torch.Tensor:
         spec = self.table[name]
         begin, end = spec["data_offsets"]
-        dtype = _ST_TO_TORCH[spec["dtype"]]
-        raw = torch.empty(end - begin, dtype=torch.uint8)
-        self._file.seek(self._data_start + begin)
-        if self._file.readinto(raw.numpy()) != end - begin:
+        return self._read(name, begin, end - begin).reshape(spec["shape"])
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor (its first dimension), reading only their bytes."""
+        spec = self.table[name]
+        shape = list(spec["shape"])
+        if not shape:
+            raise ValueError(f"{name} is a scalar; it has no rows")
+        start, stop = max(0, start), min(stop, shape[0])
+        stop = max(start, stop)
+        row_bytes = (spec["data_offsets"][1] - spec["data_offsets"][0]) // shape[0] if shape[0] else 0
+        flat = self._read(name, spec["data_offsets"][0] + start * row_bytes, (stop - start) * row_bytes)
+        return flat.reshape([stop - start, *shape[1:]])
+
+    def _read(self, name: str, offset: int, length: int) -> torch.Tensor:
+        dtype = _ST_TO_TORCH[self.table[name]["dtype"]]
+        raw = torch.empty(length, dtype=torch.uint8)
+        self._file.seek(self._data_start + offset)
+        if length and self._file.readinto(raw.numpy()) != length:
             raise ValueError(f"{self.path.name}: tensor {name} is cut short")
-        return raw.view(dtype).reshape(spec["shape"])
+        return raw.view(dtype)
 
     def copy_to(self, name: str, writer: ShardWriter) -> None:
         """Append ``name`` to ``writer`` byte for byte, never materializing it."""
