@@ -1,8 +1,8 @@
 """Per-tensor check: dequantize every quantized weight of the output and compare it with its source.
 
-This part of the gate runs for any model size: both checkpoints are opened lazily
-(``safe_open`` maps the files), one module is materialized at a time, and only running
-aggregates are kept. It is independent of the code that quantized: it reads the output's
+This part of the gate runs for any model size: both checkpoints are opened lazily, one module
+(or, for a large unquantized tensor, one block of rows) is materialized at a time, and only
+running aggregates are kept. It is independent of the code that quantized: it reads the output's
 ``quantization_config`` and decodes with compressed-tensors' own compressors (or bitsandbytes'
 dequantizers), so a corrupted or mis-scaled tensor shows up whatever wrote it.
 
