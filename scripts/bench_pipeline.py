@@ -86,6 +86,17 @@ QUICK_ARCH = SynthArch(
     max_shard_bytes=16 * MiB,
 )
 
+# Llama-3.2-3B's config.json, sharded the way its published checkpoint is (two files of up to 5 GB):
+# the case where a shard no longer fits a "few shards in memory" design.
+ARCHES = {
+    "llama-3.2-1b": SynthArch(),
+    "llama-3.2-3b": SynthArch(
+        name="llama-3.2-3b", hidden=3072, layers=28, heads=24, kv_heads=8, intermediate=8192,
+        max_shard_bytes=5_000_000_000,
+    ),
+    "quick": QUICK_ARCH,
+}  # fmt: skip
+
 
 def _tensor_shapes(a: SynthArch) -> list[tuple[str, tuple[int, ...]]]:
     """Every parameter of ``LlamaForCausalLM`` in HF order (lm_head omitted when tied)."""
@@ -375,7 +386,7 @@ def job_spec(name: str, src_uri: str, out_uri: str, target: str) -> dict[str, An
 
 
 def run(opts: argparse.Namespace) -> dict[str, Any]:
-    arch = QUICK_ARCH if opts.quick else SynthArch()
+    arch = QUICK_ARCH if opts.quick else ARCHES[opts.arch]
     t0 = time.perf_counter()
     model_dir, synth = synthetic_checkpoint(arch)
     prep_s = time.perf_counter() - t0
@@ -622,6 +633,9 @@ def _throughput(client: Any, model_dir: Path, src_bucket: str, out_bucket: str, 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a ~30 M-parameter checkpoint instead of 1.24 B")
+    parser.add_argument("--arch", choices=sorted(ARCHES), default="llama-3.2-1b",
+                        help="architecture of the synthetic checkpoint (default %(default)s, 2.47 GB in 5 shards; "
+                        "llama-3.2-3b is 6.4 GB in two shards of up to 5 GB)")  # fmt: skip
     parser.add_argument("--target", default="ml.g6.12xlarge", help="DeploymentInstanceType of the optjob job")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, spec)")
     parser.add_argument("--work-dir", type=Path, default=None)
