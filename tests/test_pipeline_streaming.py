@@ -123,6 +123,40 @@ def test_a_corrupt_shard_fails_the_job_and_leaves_nothing(
     assert s3_bucket.multipart_uploads("out/") == []
 
 
+def test_a_failed_gate_rolls_back_shards_already_uploaded(
+    s3_bucket: S3Bucket, sharded_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shards go up while they are checked; when the verdict is "fail", every one of them comes down."""
+    import optjob.verify.gate as gate
+    from optjob.errors import VerificationFailed
+
+    real = gate.thresholds_for
+
+    def impossible(scheme_key: str) -> dict:
+        limits = real(scheme_key)
+        limits["per_tensor"] = {**limits["per_tensor"], "max_rel_error": 1e-9}
+        return limits
+
+    from optjob.storage.publish import Publisher
+
+    monkeypatch.setattr(gate, "thresholds_for", impossible)
+    uploaded: list[str] = []
+    real_upload = Publisher.upload
+
+    def counting_upload(self: Publisher, rel: str, path: Path) -> object:
+        result = real_upload(self, rel, path)
+        uploaded.append(rel)
+        return result
+
+    monkeypatch.setattr(Publisher, "upload", counting_upload)
+    s3_bucket.upload_dir(sharded_model, "model")
+    with pytest.raises(VerificationFailed, match="per-tensor relative error"):
+        _run(_plan("gate-fails", s3_bucket.uri("model/"), s3_bucket.uri("out/")), tmp_path)
+    assert uploaded  # shards went up before the verdict...
+    assert s3_bucket.keys("out/") == []  # ...and every one was removed
+    assert s3_bucket.multipart_uploads("out/") == []
+
+
 def test_another_jobs_model_is_never_touched(s3_bucket: S3Bucket, sharded_model: Path, tmp_path: Path) -> None:
     s3_bucket.upload_dir(sharded_model, "model")
     _run(_plan("owner", s3_bucket.uri("model/"), s3_bucket.uri("out/")), tmp_path / "a")

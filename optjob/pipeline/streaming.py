@@ -3,9 +3,9 @@
 The flow is the same as ``run.run_plan`` — fetch, check, stage, verify, publish with the manifest
 last — but the three overlap: a background thread downloads the weight files in order while the
 stage quantizes the previous one, and each output shard is uploaded by a second thread as soon as
-the stage has checked it. Peak memory stays at a few shards, and the job takes about as long as
-copying the model. Nothing is a finished model until the manifest is written; any failure removes
-what was uploaded.
+it is written, while the stage checks it. Memory stays at a few tensors, and the job takes about as
+long as copying the model through this host. Nothing is a finished model until the manifest is
+written; any failure removes what was uploaded.
 """
 
 from __future__ import annotations

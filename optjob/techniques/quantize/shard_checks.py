@@ -3,9 +3,10 @@
 A streaming job used to quantize a shard, check it, and only then read the next: on the profiled
 2.47 GB FP8 job the check (decode every weight, compare it with its source) had become the larger
 half of the per-shard work once quantization got fast. Checks run here in arrival order on one
-thread; a shard is handed to ``on_checked`` (the uploader) only after its check, and the figures
-are merged for the gate as before. The first failure is kept and raised by ``finish``, and once
-something failed no further shard is handed over.
+thread and their figures are merged for the gate. The first failure is kept and raised by
+``finish``; after one, the checks not yet started are skipped. Shards are uploaded while they are
+checked: the gate's verdict comes after the last shard either way, and nothing is a finished model
+before the manifest, which a failed gate never writes (the uploads are rolled back).
 """
 
 from __future__ import annotations
@@ -21,11 +22,9 @@ from optjob.verify.tensors import TensorFigures, compare_shard, merge
 
 
 class ShardChecker:
-    def __init__(self, qconfig: Callable[[], dict[str, Any]], mode: Any,
-                 on_checked: Callable[[Path], None] | None) -> None:  # fmt: skip
+    def __init__(self, qconfig: Callable[[], dict[str, Any]], mode: Any) -> None:
         self._qconfig = qconfig
         self._mode = mode
-        self._on_checked = on_checked
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optjob-check")
         self._futures: list[Future[None]] = []
         self._figures: list[TensorFigures] = []
@@ -48,8 +47,6 @@ class ShardChecker:
             raise
         self.seconds += time.monotonic() - started
         self._figures.append(figures)
-        if self._on_checked is not None:
-            self._on_checked(output)
 
     def finish(self) -> TensorFigures | None:
         """Wait for every check; the merged figures (None if no shard was checked)."""

@@ -118,7 +118,7 @@ class QuantizationTechnique(StreamingTechnique):
         weights: Iterable[Path],
         on_output: Callable[[Path], None],
     ) -> StageResult:
-        """Data-free schemes only: each shard is quantized as it lands, checked, and handed over."""
+        """Data-free schemes only: each shard is quantized as it lands, handed over, and checked."""
         if stage.engine != "streaming":
             raise InputError(f"the {stage.engine} engine needs the whole model; it cannot run shard by shard")
         return self._run(stage, ctx, weights=weights, on_output=on_output)
@@ -166,7 +166,13 @@ class QuantizationTechnique(StreamingTechnique):
         if engine == "streaming":
             from optjob.techniques.quantize.shard_checks import ShardChecker
 
-            checker = ShardChecker(lambda: quantization_config(out), per_tensor_mode(scheme["verify_key"]), on_output)
+            checker = ShardChecker(lambda: quantization_config(out), per_tensor_mode(scheme["verify_key"]))
+
+            def shard_done(done: streaming.ShardDone) -> None:
+                if on_output is not None:
+                    on_output(done.output)  # upload and check overlap; the verdict comes at the end
+                checker.submit(done.source, done.output)
+
             try:
                 result = streaming.quantize_checkpoint(
                     src,
@@ -175,7 +181,7 @@ class QuantizationTechnique(StreamingTechnique):
                     ignore=params.ignore,
                     dtype=dtype,
                     shards=weights,
-                    on_shard_done=lambda done: checker.submit(done.source, done.output),
+                    on_shard_done=shard_done,
                     cancel=ctx.cancel,
                     events=ctx.events,
                 )
