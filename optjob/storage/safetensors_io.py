@@ -43,7 +43,8 @@ _ST_TO_TORCH = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-_TORCH_TO_ST = {v: k for k, v in _ST_TO_TORCH.items()}
+TORCH_TO_ST = {v: k for k, v in _ST_TO_TORCH.items()}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # the safetensors names of the floating-point dtypes
 
 
 class ShardReader:
@@ -135,7 +136,7 @@ class ShardWriter:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         tensor = tensor.detach().contiguous().cpu()
-        dtype = _TORCH_TO_ST.get(tensor.dtype)
+        dtype = TORCH_TO_ST.get(tensor.dtype)
         if dtype is None:
             raise ValueError(f"{name}: dtype {tensor.dtype} cannot be stored in safetensors")
         data = tensor.reshape(-1).view(torch.uint8) if tensor.numel() else torch.empty(0, dtype=torch.uint8)

@@ -26,10 +26,9 @@ from typing import Any, Literal
 
 import torch
 
-from optjob.storage.safetensors_io import ShardReader
+from optjob.storage.safetensors_io import FLOAT_DTYPES, ShardReader
 
 Mode = Literal["direct", "channel_rescaled"]
-_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 _QUANT_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_global_scale", "weight_shape", "SCB")
 
 
@@ -230,7 +229,7 @@ def _compare_stored(output: _Reader, source: _Reader, name: str) -> tuple[float,
     shape = list(src_slice.get_shape())
     if list(out_slice.get_shape()) != shape:
         return None
-    if out_slice.get_dtype() not in _FLOAT_DTYPES or src_slice.get_dtype() not in _FLOAT_DTYPES:
+    if out_slice.get_dtype() not in FLOAT_DTYPES or src_slice.get_dtype() not in FLOAT_DTYPES:
         return None
     if not shape:  # a scalar
         return _compare_direct(output.get(name), source.get(name))

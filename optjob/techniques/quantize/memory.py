@@ -10,6 +10,7 @@ tensor-parallel degree, must fit each accelerator at vLLM's memory utilization.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,7 @@ def _tensor_shapes(model_dir: Path) -> dict[str, tuple[str, int]]:
     """name -> (dtype, numel): from the safetensors headers when every shard is local, else from the
     architecture. A streaming job plans while its shards are still arriving, and counting only the
     ones already there would report a model as fitting when it does not."""
-    from safetensors import safe_open
-
+    from optjob.storage.safetensors_io import ShardReader
     from optjob.techniques.quantize.skeleton import skeleton
 
     files = _complete_weight_files(model_dir)
@@ -52,22 +52,17 @@ def _tensor_shapes(model_dir: Path) -> dict[str, tuple[str, int]]:
         return skeleton(model_dir).parameters
     out: dict[str, tuple[str, int]] = {}
     for file in files:
-        with safe_open(str(file), "pt") as handle:
-            for key in handle.keys():  # noqa: SIM118
-                sl = handle.get_slice(key)
-                numel = 1
-                for dim in sl.get_shape():
-                    numel *= dim
-                out[key] = (sl.get_dtype(), numel)
+        with ShardReader(file) as reader:
+            out.update({name: (spec["dtype"], math.prod(spec["shape"])) for name, spec in reader.table.items()})
     return out
 
 
 def _complete_weight_files(model_dir: Path) -> list[Path]:
     """Every weight file the checkpoint has, or [] if any of them is not local (yet)."""
-    index = model_dir / WEIGHTS_INDEX
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
-        files = [model_dir / name for name in names]
+    from optjob.techniques.quantize.streaming import indexed_weight_names
+
+    if (model_dir / WEIGHTS_INDEX).is_file():
+        files = [model_dir / name for name in indexed_weight_names(model_dir)]
         return files if files and all(f.is_file() for f in files) else []
     return sorted(model_dir.glob("*.safetensors"))
 

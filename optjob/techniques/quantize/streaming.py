@@ -32,12 +32,12 @@ import torch
 
 from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import NULL_SINK, EventSink
+from optjob.storage.inputs import SAFETENSORS_INDEX
+from optjob.storage.safetensors_io import FLOAT_DTYPES, TORCH_TO_ST
 from optjob.techniques.quantize import fp8_cpu
 
-WEIGHTS_INDEX = "model.safetensors.index.json"
+WEIGHTS_INDEX = SAFETENSORS_INDEX
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-_ST_DTYPE = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
-_FLOAT_ST = ("F16", "BF16", "F32", "F64")
 
 
 @dataclass
@@ -172,10 +172,11 @@ def quantize_shards(
                 writer.abort()
                 raise
         size = writer.bytes_written
+        done.sort()
         result.total_size += size
         result.weight_map.update(dict.fromkeys(writer.names(), out_path.name))
-        result.quantized_modules.extend(sorted(done))
-        info = ShardDone(Path(shard), out_path, number, sorted(done), size)
+        result.quantized_modules.extend(done)
+        info = ShardDone(Path(shard), out_path, number, done, size)
         result.shards.append(info)
         fraction = (number + 1) / total_shards if total_shards else None
         events("quantize", "shard", fraction, f"{out_path.name}: {len(done)} weights quantized")
@@ -185,15 +186,13 @@ def quantize_shards(
 
 
 def _cast_needed(st_dtype: str, dtype: torch.dtype | None) -> bool:
-    return dtype is not None and st_dtype in _FLOAT_ST and _ST_DTYPE[dtype] != st_dtype
+    return dtype is not None and st_dtype in FLOAT_DTYPES and TORCH_TO_ST[dtype] != st_dtype
 
 
 def weight_files(model_dir: Path) -> list[Path]:
     """The checkpoint's safetensors shards in index order (or the single file)."""
-    index = model_dir / WEIGHTS_INDEX
-    if index.is_file():
-        names = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
-        return [model_dir / n for n in names]
+    if (model_dir / WEIGHTS_INDEX).is_file():
+        return [model_dir / n for n in indexed_weight_names(model_dir)]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{model_dir}: no *.safetensors weights")
@@ -266,7 +265,7 @@ def quantize_checkpoint(
     config_dtype = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(dtype)
     write_quantization_config(output_dir, config, dtype=config_dtype)
     names = weight_files(input_dir) if shards is None else None
-    total = len(names) if names is not None else len(_indexed_weight_names(input_dir) or [None])
+    total = len(names) if names is not None else len(indexed_weight_names(input_dir) or [None])
     result = quantize_shards(
         names if names is not None else shards,
         output_dir,
@@ -284,7 +283,8 @@ def quantize_checkpoint(
     return result
 
 
-def _indexed_weight_names(model_dir: Path) -> list[str]:
+def indexed_weight_names(model_dir: Path) -> list[str]:
+    """The shard file names the index lists, in index order ([] without an index)."""
     index = model_dir / WEIGHTS_INDEX
     if not index.is_file():
         return []
