@@ -222,23 +222,20 @@ def synthetic_checkpoint(a: SynthArch) -> tuple[Path, dict[str, Any]]:
     """The cached checkpoint for ``a`` (written on first use)."""
     import torch
 
+    from optjob.testing.tiny_model import build_cached
+
     key = hashlib.sha256(json.dumps([_SYNTH_VERSION, asdict(a), torch.__version__]).encode()).hexdigest()[:12]
     root = bench_common.cache_root() / "bench"
     path = root / f"synthetic-{a.name}-{key}"
     info_file = path / "synthetic.json"
-    written = not info_file.is_file()
-    if written:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".synthetic-{key}-", dir=root))
-        try:
-            started = time.perf_counter()
-            info = write_synthetic_checkpoint(tmp / "model", a)
-            info["write_seconds"] = round(time.perf_counter() - started, 1)
-            (tmp / "synthetic.json").write_text(json.dumps(info, indent=2) + "\n")
-            shutil.rmtree(path, ignore_errors=True)
-            tmp.rename(path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    def write(tmp: Path) -> None:
+        started = time.perf_counter()
+        info = write_synthetic_checkpoint(tmp / "model", a)
+        info["write_seconds"] = round(time.perf_counter() - started, 1)
+        (tmp / "synthetic.json").write_text(json.dumps(info, indent=2) + "\n")
+
+    written = build_cached(path, info_file.name, write)
     return path / "model", {**json.loads(info_file.read_text()), "written_now": written}
 
 

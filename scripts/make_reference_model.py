@@ -39,7 +39,6 @@ import math
 import shutil
 import sys
 import sysconfig
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,32 +293,25 @@ def build_reference_model(args: RefArgs = RefArgs(), *, log_every: int = 10, reb
     """Return the cached reference model for ``args``, training it first if absent (or ``rebuild``)."""
     import torch
 
+    from optjob.testing.tiny_model import build_cached
+
     root = bench_common.cache_root() / "reference-models"
     key = cache_key(args)
     cached = root / key
     if rebuild:
         shutil.rmtree(cached, ignore_errors=True)
-    built = False
-    if not (cached / "report.json").is_file():
-        built = True
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
-        try:
-            with bench_common.torch_threads(args.threads):
-                previous = torch.get_rng_state()
-                try:
-                    report = _build(tmp, args, log_every)
-                finally:
-                    torch.set_rng_state(previous)
-            report["cache_key"] = key
-            (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    def build(tmp: Path) -> None:
+        with bench_common.torch_threads(args.threads):
+            previous = torch.get_rng_state()
             try:
-                tmp.rename(cached)  # atomic: concurrent builders race, one wins
-            except OSError:
-                if not (cached / "report.json").is_file():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+                report = _build(tmp, args, log_every)
+            finally:
+                torch.set_rng_state(previous)
+        report["cache_key"] = key
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    built = build_cached(cached, "report.json", build)
     report = json.loads((cached / "report.json").read_text())
     return ReferenceModel(cached, {**report, "built_now": built})
 

@@ -54,3 +54,32 @@ def test_seed_changes_weights(tmp_path, seed):
     a = build_tiny_llama(tmp_path / "a", train_steps=0)
     b = build_tiny_llama(tmp_path / "b", train_steps=0, seed=seed)
     assert (a / "model.safetensors").read_bytes() != (b / "model.safetensors").read_bytes()
+
+
+def test_build_cached_builds_once_replaces_leftovers_and_leaves_nothing_on_failure(tmp_path) -> None:
+    from optjob.testing.tiny_model import build_cached
+
+    entry = tmp_path / "cache" / "entry"
+    calls = []
+
+    def build(tmp):
+        calls.append(tmp)
+        (tmp / "data").write_text("payload")
+        (tmp / "done.json").write_text("{}")
+
+    entry.mkdir(parents=True)
+    (entry / "stale").write_text("from an old, unfinished layout")  # no marker: a leftover
+    assert build_cached(entry, "done.json", build) is True
+    assert sorted(p.name for p in entry.iterdir()) == ["data", "done.json"]
+    assert build_cached(entry, "done.json", build) is False
+    assert len(calls) == 1
+    assert sorted(p.name for p in entry.parent.iterdir()) == ["entry"]  # no temporary left beside it
+
+    def failing(tmp):
+        (tmp / "half").write_text("x")
+        raise RuntimeError("build failed")
+
+    other = tmp_path / "cache" / "other"
+    with pytest.raises(RuntimeError, match="build failed"):
+        build_cached(other, "done.json", failing)
+    assert sorted(p.name for p in other.parent.iterdir()) == ["entry"]

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,31 @@ def cache_base() -> Path:
 
 def cache_root() -> Path:
     return cache_base() / "tiny-models"
+
+
+def build_cached(entry: Path, marker: str, build: Callable[[Path], None]) -> bool:
+    """Make the cache directory ``entry`` unless it holds ``marker``; True if it was built now.
+
+    ``build`` fills a fresh temporary directory beside ``entry``, which is then renamed into place:
+    the rename is atomic, so concurrent builders race and one wins, and a crash never leaves a
+    half-built entry. A directory at ``entry`` without ``marker`` is a leftover and is replaced.
+    """
+    if (entry / marker).is_file():
+        return False
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+    try:
+        build(tmp)
+        if entry.exists() and not (entry / marker).is_file():
+            shutil.rmtree(entry, ignore_errors=True)
+        try:
+            tmp.rename(entry)
+        except OSError:
+            if not (entry / marker).is_file():  # lost the race to another builder: theirs is as good
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return True
 
 
 def _training_texts() -> list[str]:
@@ -206,18 +232,7 @@ def build_tiny_llama(
     stamp = [_BUILDER_VERSION, args, torch.__version__, transformers.__version__, tokenizers.__version__]
     key = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16]
     cached = cache_root() / key
-    if not (cached / "config.json").is_file():
-        cache_root().mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_root()))
-        try:
-            _build(tmp, **args)  # type: ignore[arg-type]
-            try:
-                tmp.rename(cached)  # atomic: concurrent builders race, one wins
-            except OSError:
-                if not (cached / "config.json").is_file():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    build_cached(cached, "config.json", lambda tmp: _build(tmp, **args))  # type: ignore[arg-type]
     dest = Path(dir)
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copytree(cached, dest, dirs_exist_ok=True)
