@@ -11,6 +11,33 @@ from typing import Literal
 
 FailureCategory = Literal["input", "infrastructure"]
 
+MAX_REASON = 1024  # SageMaker's limit on FailureReason
+
+
+def clip_words(text: str, limit: int) -> str:
+    """``text`` within ``limit`` characters, cut at a word boundary and marked with an ellipsis."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    cut = text[: max(0, limit - 4)].rsplit(" ", 1)[0].rstrip(",;:")
+    return f"{cut} ..."
+
+
+def reason_sentence(main: str, *, detail: str = "", limit: int = MAX_REASON) -> str:
+    """A FailureReason: ``main`` (what failed, what to do) whole, then as much of ``detail`` as fits.
+
+    The action must survive: when even ``main`` is too long, it is clipped at a word; callers put
+    the long, optional part (a list of figures) in ``detail``, which goes first.
+    """
+    main = " ".join(main.split())
+    detail = " ".join(detail.split())
+    if len(main) > limit:
+        return clip_words(main, limit)
+    room = limit - len(main) - 1
+    if detail and room > 20:
+        return f"{main} {clip_words(detail, room)}"
+    return main
+
 
 class JobFailed(Exception):
     """A job cannot finish; ``str(exc)`` is the FailureReason shown by DescribeOptimizationJob."""

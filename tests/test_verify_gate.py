@@ -164,7 +164,9 @@ def test_unquantized_tensors_compared_in_row_blocks_match_the_whole_tensor_figur
     save_file({"e": src}, str(tmp_path / "s" / "model.safetensors"))
     save_file({"e": out}, str(tmp_path / "o" / "model.safetensors"))
     with ExitStack() as stack:
-        rel, cos = vt._compare_stored(vt._Reader(tmp_path / "o", stack), vt._Reader(tmp_path / "s", stack), "e")
+        rel, cos = vt._compare_stored(
+            vt.CheckpointReader(tmp_path / "o", stack), vt.CheckpointReader(tmp_path / "s", stack), "e"
+        )
     d, s = out.double(), src.double()
     expected_rel = float((d - s).norm() / s.norm())
     expected_cos = float((d * s).sum() / (d.norm() * s.norm()))

@@ -1,102 +1,458 @@
-"""End-to-end check: reload the output with transformers in a fresh process and compare next-token
-distributions with the source on fixed prompts.
+"""End-to-end check: run the source and the output checkpoint forward, a decoder layer at a time,
+and compare their next-token distributions on fixed inputs.
 
-A fresh process matters: it proves the directory on disk (not an object still in memory) loads
-and predicts like the source, which is what catches save-time corruption such as bitsandbytes'
-NF4 save-after-forward bug. Figures: top-1 next-token agreement and mean KL(source || output)
-over every prompt position, computed in float32.
+Why layer by layer: reloading both models whole cost two float32 copies of the model (3.9 GB of
+peak memory for a 0.98 GB checkpoint), so the check was skipped for anything big. Here only one
+decoder layer is materialized at a time (the source's, then the output's), the hidden states of
+the verification inputs are carried forward, the embedding is read row by row for the tokens in
+use and the LM head a block of vocabulary rows at a time. Memory is one layer in float32 plus
+activations, whatever the model's size.
 
-CLI (prints one JSON object): ``python -m optjob.verify.e2e SOURCE OUTPUT [--prompt TEXT ...]``
+What is compared is what is on disk: the output's weights are decoded from its files with the
+same decoders as the per-tensor check (compressed-tensors' compressors, bitsandbytes' quant
+states), so save-time corruption (bitsandbytes' NF4 save-after-forward bug) shows, and input
+activations are fake-quantized with compressed-tensors' own ``forward_quantize`` where the scheme
+quantizes them (W8A8 FP8/INT8, NVFP4), as the serving kernel would. Everything runs in float32.
+
+Inputs: the ``prompts`` of ``configs/verify.yaml`` tokenized by the source's tokenizer, or, when it
+has none or it cannot be loaded, seeded token-id sequences from the vocabulary (the figures say
+which, and why). Figures: KL(source || output) in nats per position, top-1 agreement over all
+positions, and top-1 agreement over *confident* positions only, where the source's top-1
+log-probability exceeds its runner-up by at least ``confident_margin`` nats (see verify.yaml for
+why top-1 alone misleads on flat distributions).
+
+It runs in a fresh interpreter (``run_in_subprocess``): its allocations and peak memory are its
+own and end with it. CLI (progress lines, then one JSON result line):
+``python -m optjob.verify.e2e SOURCE OUTPUT [--prompt TEXT ...]``
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from optjob.errors import InfrastructureError
+import torch
+
+from optjob.errors import InfrastructureError, clip_words
+from optjob.pipeline.events import NULL_SINK, EventSink
+
+_LM_HEAD_ROWS = 8192  # vocabulary rows of the LM head materialized at once (64 MB at hidden 2048)
 
 
-def _logits(model_dir: Path, prompts: list[str], max_tokens: int) -> list[Any]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@dataclass(frozen=True)
+class Inputs:
+    """Token ids to run, and where they came from (``tokenizer`` or ``token_ids``)."""
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    cfg = json.loads((model_dir / "config.json").read_text())
-    quantized = "quantization_config" in cfg
-    kwargs: dict[str, Any] = {"device_map": "cpu"} if quantized else {"dtype": torch.float32}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = tokenizer(prompt, return_tensors="pt", truncation=True, max_length=max_tokens)
-            out.append(model(**ids).logits[0].float().log_softmax(-1))
-    del model
-    return out
+    ids: list[list[int]]
+    kind: str
+    warning: str | None = None
 
 
-def compare(source: Path, output: Path, prompts: list[str], *, max_tokens: int = 128) -> dict[str, Any]:
-    """Top-1 agreement and KL figures of ``output`` against ``source`` (in this process)."""
-    import torch
+def verification_inputs(source: Path, prompts: list[str], *, max_tokens: int, token_ids: dict[str, Any]) -> Inputs:
+    from optjob.model_tokenizer import load_tokenizer, token_id_sequences
 
-    src = _logits(source, prompts, max_tokens)
-    out = _logits(output, prompts, max_tokens)
-    agree = positions = 0
-    kls: list[float] = []
+    loaded = load_tokenizer(source)
+    if loaded.ok:
+        ids = [loaded.tokenizer(p, truncation=True, max_length=max_tokens)["input_ids"] for p in prompts]
+        ids = [seq for seq in ids if len(seq) >= 2]
+        if ids:
+            return Inputs(ids, "tokenizer")
+        warning = "the tokenizer turned every verification prompt into fewer than 2 tokens"
+    else:
+        warning = loaded.warning
+    config = json.loads((source / "config.json").read_text())
+    seqs = token_id_sequences(
+        config,
+        count=int(token_ids.get("sequences", len(prompts) or 6)),
+        length=min(int(token_ids.get("length", 64)), max_tokens),
+        seed=int(token_ids.get("seed", 0)),
+    )
+    return Inputs(seqs, "token_ids", f"{warning}; compared on seeded token-id sequences instead")
+
+
+class _Checkpoint:
+    """One side of the comparison: a checkpoint's tensors, decoded to float32 on demand."""
+
+    def __init__(self, model_dir: Path, stack: ExitStack) -> None:
+        from optjob.verify.tensors import CheckpointReader, WeightDecoder, ct_scheme
+
+        self.dir = model_dir
+        self.reader = CheckpointReader(model_dir, stack)
+        config = json.loads((model_dir / "config.json").read_text())
+        self.qconfig: dict[str, Any] | None = config.get("quantization_config")
+        self.decoder = WeightDecoder(self.reader, self.qconfig)
+        scheme = ct_scheme(self.qconfig) if self.decoder.method == "compressed-tensors" else None
+        self.input_args = getattr(scheme, "input_activations", None)
+
+    def has(self, name: str) -> bool:
+        return name in self.reader.map
+
+    def state(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Every tensor under ``prefix`` (a module path ending in '.'), quantized weights decoded."""
+        out: dict[str, torch.Tensor] = {}
+        for module in self.decoder.modules:
+            if module.startswith(prefix):
+                out[f"{module[len(prefix) :]}.weight"] = self.decoder.decode(module).float()
+        for name in self.reader.map:
+            if name.startswith(prefix) and not self.decoder.owns(name) and not _is_activation_param(name):
+                out[name[len(prefix) :]] = self.reader.get(name).float()
+        return out
+
+    def activation_quantizers(self, layer: torch.nn.Module, prefix: str) -> list[Any]:
+        """Forward pre-hooks that fake-quantize the inputs of the layer's quantized linears."""
+        if self.input_args is None:
+            return []
+        from compressed_tensors.quantization import QuantizationStatus
+        from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+        args = self.input_args
+        handles = []
+        for local, module in layer.named_modules():
+            full = f"{prefix}{local}"
+            if not self.decoder.is_quantized(full):
+                continue
+            module.quantization_status = QuantizationStatus.FROZEN
+            for suffix in ("input_scale", "input_zero_point", "input_global_scale"):
+                if self.has(f"{full}.{suffix}"):
+                    setattr(module, suffix, self.reader.get(f"{full}.{suffix}").float())
+
+            def hook(mod: torch.nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+                return (forward_quantize(mod, inputs[0], "input", args), *inputs[1:])
+
+            handles.append(module.register_forward_pre_hook(hook))
+        return handles
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        module = name.rpartition(".")[0]
+        if self.decoder.is_quantized(module):
+            return self.decoder.decode(module).float()[start:stop]
+        return self.reader.slice(name)[start:stop].float()
+
+    def embed(self, name: str, ids: list[int]) -> torch.Tensor:
+        """The embedding rows of ``ids`` (each row read on its own: the table can be 1 GB)."""
+        unique = sorted(set(ids))
+        table = {i: self.rows(name, i, i + 1)[0] for i in unique}
+        return torch.stack([table[i] for i in ids])
+
+
+def _is_activation_param(name: str) -> bool:
+    local = name.rpartition(".")[2]
+    return local.startswith(("input_", "output_")) or local in ("k_scale", "v_scale")
+
+
+def _skeleton(config: Any) -> Any:
+    """The model on the meta device: module types and shapes, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+
+
+def _causal_mask(length: int) -> torch.Tensor:
+    mask = torch.full((length, length), float("-inf")).triu(1)
+    return mask[None, None]
+
+
+class LayerwiseRunner:
+    """Carries the hidden states of every input through one checkpoint, one decoder layer at a time."""
+
+    def __init__(self, config: Any, supported: list[str]) -> None:
+        model_type = getattr(config, "model_type", "")
+        if model_type not in supported:
+            raise UnsupportedArchitecture(
+                f"layer-by-layer comparison supports {', '.join(supported)}; this model is {model_type!r}"
+            )
+        self.config = config
+        self.model = _skeleton(config)
+        base = self.model.model
+        self.layers = base.layers
+        rotary_cls = type(base.rotary_emb)
+        self.rotary = rotary_cls(config=config)  # built on the CPU: its frequencies are not in the checkpoint
+        self.base_prefix = "model."
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+
+    def embed(self, side: _Checkpoint, ids: list[list[int]]) -> list[torch.Tensor]:
+        return [side.embed(f"{self.base_prefix}embed_tokens.weight", seq)[None] for seq in ids]
+
+    def run_layer(self, index: int, side: _Checkpoint, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        prefix = f"{self.base_prefix}layers.{index}."
+        layer = self.layers[index]
+        layer.load_state_dict(side.state(prefix), strict=True, assign=True)
+        handles = side.activation_quantizers(layer, prefix)
+        try:
+            out = []
+            with torch.no_grad():
+                for h in hidden:
+                    positions = torch.arange(h.shape[1])[None]
+                    rotary = self.rotary(h, positions)
+                    out.append(
+                        layer(
+                            h,
+                            attention_mask=_causal_mask(h.shape[1]),
+                            position_ids=positions,
+                            position_embeddings=rotary,
+                        )  # fmt: skip
+                    )
+            return out
+        finally:
+            for handle in handles:
+                handle.remove()
+            layer.to("meta")  # frees this layer's float32 weights before the next is read
+
+    def log_probs(self, side: _Checkpoint, hidden: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Final norm, then the LM head a block of vocabulary rows at a time; log-softmax per input."""
+        norm = self.model.model.norm
+        norm.load_state_dict(side.state(f"{self.base_prefix}norm."), strict=True, assign=True)
+        head = "lm_head.weight"
+        if not side.has(head) and self.tied:
+            head = f"{self.base_prefix}embed_tokens.weight"
+        vocab = int(side.reader.slice(head).get_shape()[0])
+        with torch.no_grad():
+            normed = [norm(h)[0] for h in hidden]
+            logits = [torch.empty(h.shape[0], vocab) for h in normed]
+            for start in range(0, vocab, _LM_HEAD_ROWS):
+                block = side.rows(head, start, start + _LM_HEAD_ROWS)
+                for h, out in zip(normed, logits, strict=True):
+                    out[:, start : start + block.shape[0]] = h @ block.T
+        norm.to("meta")
+        for out in logits:
+            yield out.log_softmax(-1)
+
+
+class UnsupportedArchitecture(ValueError):
+    """The model's forward is not the embed -> decoder layers -> norm -> LM head pattern we replay."""
+
+
+def figures_of(src: list[torch.Tensor], out: list[torch.Tensor], margin: float) -> dict[str, Any]:
+    agree = positions = confident = confident_agree = 0
+    kls: list[torch.Tensor] = []
     for s, o in zip(src, out, strict=True):
-        agree += int((s.argmax(-1) == o.argmax(-1)).sum())
+        s_top = s.argmax(-1)
+        same = s_top == o.argmax(-1)
+        agree += int(same.sum())
         positions += s.shape[0]
-        kl = (s.exp() * (s - o)).sum(-1)
-        kls.extend(kl.tolist())
-    kl_t = torch.tensor(kls)
+        top2 = s.topk(2, dim=-1).values
+        sure = (top2[:, 0] - top2[:, 1]) >= margin
+        confident += int(sure.sum())
+        confident_agree += int((same & sure).sum())
+        kls.append((s.exp() * (s - o)).sum(-1))
+    kl = torch.cat(kls)
     return {
         "top1_agreement": agree / positions,
-        "mean_kl": float(kl_t.mean()),
-        "max_kl": float(kl_t.max()),
+        "confident_top1_agreement": (confident_agree / confident) if confident else None,
+        "confident_positions": confident,
+        "confident_margin": margin,
+        "mean_kl": float(kl.mean()),
+        "max_kl": float(kl.max()),
         "positions": positions,
-        "prompts": len(prompts),
-        "finite": bool(torch.isfinite(kl_t).all()),
+        "finite": bool(torch.isfinite(kl).all()),
     }
 
 
-def run_in_subprocess(
-    source: Path, output: Path, prompts: list[str], *, max_tokens: int = 128, timeout_s: float = 1800
+@dataclass
+class Replay:
+    """What one layer-by-layer pass of both checkpoints measured."""
+
+    source_log_probs: list[torch.Tensor]
+    output_log_probs: list[torch.Tensor]
+    layer_errors: list[float]  # per decoder layer, see ``paired_log_probs``
+
+
+def paired_log_probs(
+    source: Path,
+    output: Path,
+    inputs: Inputs,
+    *,
+    supported: list[str],
+    progress: Callable[[float, str], None] | None = None,
+) -> Replay:
+    """Next-token log-probabilities of source and output for each input, layer by layer.
+
+    Each output layer also runs on the *source's* hidden states (teacher forcing), which gives a
+    local figure per layer: the relative error of what the layer adds to the residual stream,
+    ``||out_layer(h) - src_layer(h)|| / ||src_layer(h) - h||``. Unlike the final logits, it does not
+    fade with depth or with a flat output distribution: a mis-scaled or swapped weight in any one
+    layer shows there at full size, which is what catches corruption that error-compensating
+    schemes (AWQ's rescaled channels) hide from the weight-space check.
+    """
+    from transformers import AutoConfig
+
+    runner = LayerwiseRunner(AutoConfig.from_pretrained(source), supported)
+    layers = len(runner.layers)
+    errors: list[float] = []
+    with ExitStack() as stack:
+        src, out = _Checkpoint(source, stack), _Checkpoint(output, stack)
+        src_h, out_h = runner.embed(src, inputs.ids), runner.embed(out, inputs.ids)
+        count = len(src_h)
+        for index in range(layers):
+            src_next = runner.run_layer(index, src, src_h)
+            both = runner.run_layer(index, out, [*out_h, *src_h])
+            out_next, teacher = both[:count], both[count:]
+            err = sum(float((t - s).pow(2).sum()) for t, s in zip(teacher, src_next, strict=True))
+            ref = sum(float((s - h).pow(2).sum()) for s, h in zip(src_next, src_h, strict=True))
+            errors.append(math.sqrt(err / ref) if ref > 0 else (0.0 if err == 0 else math.inf))
+            src_h, out_h = src_next, out_next
+            if progress is not None:
+                progress((index + 1) / (layers + 1), f"decoder layer {index + 1}/{layers}")
+        return Replay(list(runner.log_probs(src, src_h)), list(runner.log_probs(out, out_h)), errors)
+
+
+def compare(
+    source: Path,
+    output: Path,
+    prompts: list[str],
+    *,
+    max_tokens: int = 128,
+    confident_margin: float = 1.0,
+    token_ids: dict[str, Any] | None = None,
+    supported: list[str] | None = None,
+    progress: Callable[[float, str], None] | None = None,
 ) -> dict[str, Any]:
-    """``compare`` in a fresh interpreter; its JSON is the last stdout line."""
+    """Figures of ``output`` against ``source``, computed layer by layer in this process."""
+    started = time.monotonic()
+    inputs = verification_inputs(source, prompts, max_tokens=max_tokens, token_ids=token_ids or {})
+    replay = paired_log_probs(source, output, inputs, supported=supported or _supported_default(), progress=progress)
+    figures = figures_of(replay.source_log_probs, replay.output_log_probs, confident_margin)
+    worst = max(range(len(replay.layer_errors)), key=replay.layer_errors.__getitem__, default=None)
+    figures.update(
+        layer_rel_errors=[round(e, 6) for e in replay.layer_errors],
+        max_layer_rel_error=replay.layer_errors[worst] if worst is not None else 0.0,
+        worst_layer=worst,
+    )
+    figures.update(inputs=inputs.kind, sequences=len(inputs.ids), seconds=round(time.monotonic() - started, 3))
+    if inputs.warning:
+        figures["inputs_warning"] = inputs.warning
+    return figures
+
+
+def _supported_default() -> list[str]:
+    from optjob.verify.gate import thresholds_config
+
+    return list(thresholds_config()["e2e"]["architectures"])
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def run_in_subprocess(
+    source: Path,
+    output: Path,
+    prompts: list[str],
+    *,
+    max_tokens: int = 128,
+    timeout_s: float = 1800,
+    events: EventSink = NULL_SINK,
+) -> dict[str, Any]:
+    """``compare`` in a fresh interpreter; progress lines become events, the last line is the result.
+
+    When the process fails, its output goes to the job log (an ``error`` event with the text) and
+    the raised reason is one sentence that says where to find it: a traceback never becomes a
+    FailureReason.
+    """
     cmd = [sys.executable, "-m", "optjob.verify.e2e", str(source), str(output), "--max-tokens", str(max_tokens)]
     for prompt in prompts:
         cmd += ["--prompt", prompt]
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout)[-600:]
-        raise InfrastructureError(f"end-to-end verification process failed (rc={proc.returncode}): {tail}")
-    return dict(json.loads(lines[-1]))
+    result: dict[str, Any] | None = None
+    deadline = time.monotonic() + timeout_s
+    with tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if time.monotonic() > deadline:
+                proc.kill()
+                break
+            record = _parse_line(line)
+            if record is None:
+                continue
+            if "progress" in record:
+                events("verify", "e2e", 0.5 + 0.5 * float(record["progress"]), str(record.get("message", "")))
+            elif "result" in record:
+                result = dict(record["result"])
+        try:
+            returncode = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            returncode = proc.wait()
+        stderr.seek(0)
+        errors = stderr.read()
+    if returncode == 0 and result is not None:
+        return result
+    last = next((ln.strip() for ln in reversed(errors.splitlines()) if ln.strip()), "no error output")
+    events("verify", "e2e_error", None, f"end-to-end comparison exited with code {returncode}", level="error",
+           output=errors[-20000:])  # fmt: skip
+    raise InfrastructureError(
+        f"The end-to-end verification process failed (exit code {returncode}: {clip_words(last, 300)}); "
+        f"its full output is in the job log (optjob logs JOB_NAME). Retry the job; if it fails the same way, "
+        f"report it with that log"
+    )
+
+
+def _parse_line(line: str) -> dict[str, Any] | None:
+    if not line.startswith("{"):
+        return None
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    from optjob.verify.gate import thresholds_config
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", type=Path)
     parser.add_argument("output", type=Path)
     parser.add_argument("--prompt", action="append", default=[])
     parser.add_argument("--max-tokens", type=int, default=128)
     args = parser.parse_args(argv)
-    prompts = args.prompt
-    if not prompts:
-        from optjob.verify.gate import thresholds_config
+    cfg = thresholds_config()
+    prompts = args.prompt or list(cfg["prompts"])
+    import compressed_tensors  # noqa: F401 - imported before the idle figure, like every library used
+    import transformers  # noqa: F401
 
-        prompts = list(thresholds_config()["prompts"])
-    result = compare(args.source, args.output, prompts, max_tokens=args.max_tokens)
-    sys.stdout.write(json.dumps(result) + "\n")
+    idle = _rss_mib()
+
+    def progress(fraction: float, message: str) -> None:
+        sys.stdout.write(json.dumps({"progress": round(fraction, 4), "message": message}) + "\n")
+        sys.stdout.flush()
+
+    result = compare(
+        args.source,
+        args.output,
+        prompts,
+        max_tokens=args.max_tokens,
+        confident_margin=float(cfg["e2e"]["confident_margin"]),
+        token_ids=dict(cfg.get("token_ids", {})),
+        supported=list(cfg["e2e"]["architectures"]),
+        progress=progress,
+    )
+    peak = _peak_rss_mib()
+    result.update(peak_rss_mib=round(peak, 1), peak_rss_above_idle_mib=round(max(0.0, peak - idle), 1))
+    sys.stdout.write(json.dumps({"result": result}) + "\n")
 
 
 if __name__ == "__main__":

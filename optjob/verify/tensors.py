@@ -67,7 +67,7 @@ def _weight_map(model_dir: Path) -> dict[str, str]:
     return out
 
 
-class _Reader:
+class CheckpointReader:
     """One checkpoint's safetensors files, opened lazily; ``get`` materializes one tensor.
 
     Each file is first opened with the safetensors library (it must accept the header and offsets
@@ -85,9 +85,9 @@ class _Reader:
     def get(self, name: str) -> torch.Tensor:
         return self._handle(name).read(name)
 
-    def slice(self, name: str) -> _Rows:
+    def slice(self, name: str) -> RowView:
         """A lazy view (``get_shape``, ``get_dtype``, row slicing) that reads only what is indexed."""
-        return _Rows(self._handle(name), name)
+        return RowView(self._handle(name), name)
 
     def _handle(self, name: str) -> ShardReader:
         file = self.map[name]
@@ -101,7 +101,7 @@ class _Reader:
         return self._handles[file]
 
 
-class _Rows:
+class RowView:
     def __init__(self, reader: ShardReader, name: str) -> None:
         self._reader, self._name = reader, name
 
@@ -144,7 +144,7 @@ def _ct_decoder(qconfig: dict[str, Any]) -> Any:
     return decode
 
 
-def _bnb_decoder(reader: _Reader, qconfig: dict[str, Any]) -> Any:
+def _bnb_decoder(reader: CheckpointReader, qconfig: dict[str, Any]) -> Any:
     def decode(module: str) -> torch.Tensor:
         weight = reader.get(f"{module}.weight")
         if qconfig.get("_load_in_8bit") or qconfig.get("load_in_8bit"):
@@ -158,6 +158,57 @@ def _bnb_decoder(reader: _Reader, qconfig: dict[str, Any]) -> Any:
         return F.dequantize_4bit(weight, quant_state).float()
 
     return decode
+
+
+def ct_scheme(qconfig: dict[str, Any]) -> Any:
+    """The compressed-tensors ``QuantizationScheme`` of a one-group config (activation arguments)."""
+    from compressed_tensors.quantization import QuantizationScheme
+
+    groups = list(qconfig.get("config_groups", {}).values())
+    return QuantizationScheme.model_validate(groups[0]) if len(groups) == 1 else None
+
+
+class WeightDecoder:
+    """Which modules of a checkpoint are quantized, and each one's weight dequantized to float.
+
+    One place that knows the on-disk layouts (compressed-tensors' compressors, bitsandbytes'
+    quant states), shared by the per-tensor check and the layer-by-layer end-to-end comparison.
+    """
+
+    def __init__(self, reader: CheckpointReader, qconfig: dict[str, Any] | None) -> None:
+        self.reader = reader
+        self.method = (qconfig or {}).get("quant_method")
+        groups = _modules(list(reader.map))
+        if self.method is None:
+            self.modules: list[str] = []
+        elif self.method == "compressed-tensors":
+            self._decode_ct = _ct_decoder(qconfig or {})
+            self._locals = groups
+            self.modules = sorted(m for m, locals_ in groups.items() if "weight_scale" in locals_)
+        elif self.method == "bitsandbytes":
+            self._decode_bnb = _bnb_decoder(reader, qconfig or {})
+            self.modules = sorted(
+                m for m in groups if f"{m}.SCB" in reader.map or any(k.startswith(f"{m}.weight.") for k in reader.map)
+            )
+        else:
+            raise ValueError(f"cannot verify quant_method {self.method!r}")
+        self._quantized = set(self.modules)
+
+    def is_quantized(self, module: str) -> bool:
+        return module in self._quantized
+
+    def owns(self, name: str) -> bool:
+        """Whether ``name`` is part of a quantized module's stored weight (not a plain tensor)."""
+        module, _, local = name.rpartition(".")
+        if module in self._quantized and (local in _QUANT_SUFFIXES or local == "weight"):
+            return True
+        return self.method == "bitsandbytes" and ".weight." in name and name.split(".weight.")[0] in self._quantized
+
+    def decode(self, module: str) -> torch.Tensor:
+        if self.method == "compressed-tensors":
+            local = {name: self.reader.get(f"{module}.{name}") for name in self._locals[module]}
+            return self._decode_ct(local)
+        return self._decode_bnb(module)
 
 
 _CHUNK_ELEMENTS = 1 << 22  # ~4 M elements (16 MB in float32) per step of the direct comparison
@@ -218,7 +269,7 @@ def _block_sums(blocks: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[fl
     return (rel if math.isfinite(rel) else math.inf), (cos if math.isfinite(cos) else -1.0)
 
 
-def _compare_stored(output: _Reader, source: _Reader, name: str) -> tuple[float, float] | None:
+def _compare_stored(output: CheckpointReader, source: CheckpointReader, name: str) -> tuple[float, float] | None:
     """``_compare_direct`` for a tensor both checkpoints store, read a block of rows at a time.
 
     Unquantized tensors (the embedding above all, 0.5 GB in a 1B model) used to be materialized
@@ -260,25 +311,11 @@ def quantization_config(output_dir: Path) -> dict[str, Any]:
     return qconfig
 
 
-def iter_dequantized(reader: _Reader, qconfig: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_dequantized(reader: CheckpointReader, qconfig: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
     """``(module, dequantized weight)`` for every quantized module the reader holds, one at a time."""
-    method = qconfig.get("quant_method")
-    groups = _modules(list(reader.map))
-    if method == "compressed-tensors":
-        decode = _ct_decoder(qconfig)
-        for module, locals_ in sorted(groups.items()):
-            if "weight_scale" not in locals_:
-                continue
-            local = {name: reader.get(f"{module}.{name}") for name in locals_}
-            yield module, decode(local)
-    elif method == "bitsandbytes":
-        decode_bnb = _bnb_decoder(reader, qconfig)
-        for module in sorted(groups):
-            prefix = f"{module}.weight."
-            if f"{module}.SCB" in reader.map or any(k.startswith(prefix) for k in reader.map):
-                yield module, decode_bnb(module)
-    else:
-        raise ValueError(f"cannot verify quant_method {method!r}")
+    decoder = WeightDecoder(reader, qconfig)
+    for module in decoder.modules:
+        yield module, decoder.decode(module)
 
 
 def compare_checkpoints(
@@ -292,7 +329,9 @@ def compare_checkpoints(
     """
     qconfig = quantization_config(output_dir)
     with ExitStack() as stack:
-        return _compare(_Reader(source_dir, stack), _Reader(output_dir, stack), qconfig, mode, keep_per_tensor)
+        return _compare(
+            CheckpointReader(source_dir, stack), CheckpointReader(output_dir, stack), qconfig, mode, keep_per_tensor
+        )
 
 
 def compare_shard(
@@ -310,8 +349,8 @@ def compare_shard(
         with safe_open(str(file), "pt") as handle:
             maps.append(dict.fromkeys(handle.keys(), file.name))  # noqa: SIM118
     with ExitStack() as stack:
-        source = _Reader(source_file.parent, stack, maps[0])
-        output = _Reader(output_file.parent, stack, maps[1])
+        source = CheckpointReader(source_file.parent, stack, maps[0])
+        output = CheckpointReader(output_file.parent, stack, maps[1])
         return _compare(source, output, qconfig, mode, keep_per_tensor=False)
 
 
@@ -334,7 +373,7 @@ def merge(parts: list[TensorFigures]) -> TensorFigures:
     return merged
 
 
-def _compare(source: _Reader, output: _Reader, qconfig: dict[str, Any], mode: Mode,
+def _compare(source: CheckpointReader, output: CheckpointReader, qconfig: dict[str, Any], mode: Mode,
              keep_per_tensor: bool) -> TensorFigures:  # fmt: skip
     figures = TensorFigures(mode=mode)
     total_rel = 0.0

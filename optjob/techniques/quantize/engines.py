@@ -17,6 +17,7 @@ CPU gotchas from docs/cpu-feasibility handled here, in code, not in the environm
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from optjob.errors import InputError
+from optjob.model_tokenizer import TokenizerLoad, load_tokenizer, token_id_sequences
 from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import NULL_SINK, EventSink
 from optjob.techniques.quantize import fp8_cpu
@@ -142,6 +144,46 @@ def calibration_dataset(tokenizer: Any, texts: list[str], *, samples: int, max_l
     return Dataset.from_list(rows)
 
 
+def _calibration_data(
+    input_dir: Path,
+    tokenizer: TokenizerLoad,
+    texts: list[str],
+    params: QuantizationParams,
+    scheme_cfg: dict[str, Any],
+    *,
+    max_seq_len: int,
+) -> Any:
+    """Calibration samples: the texts tokenized, or, without a tokenizer, what the scheme allows.
+
+    Schemes that only observe activation ranges (FP8 static, NVFP4) calibrate on seeded token ids
+    from the vocabulary; schemes that fit weights to the data (GPTQ, AWQ, SmoothQuant) would be
+    silently worse on random tokens, so they refuse with the reason and the fix.
+    """
+    if tokenizer.ok:
+        return calibration_dataset(tokenizer.tokenizer, texts, samples=params.calib_size, max_len=max_seq_len)
+    name = f"OPTION_QUANTIZE={params.quantize}"
+    fix = (
+        "Add the model's tokenizer files (tokenizer.json and tokenizer_config.json) beside config.json under "
+        "ModelSource.S3.S3Uri, or choose a data-free scheme (OPTION_QUANTIZE=fp8 with OPTION_FP8_SCHEME=FP8_DYNAMIC)"
+    )
+    if scheme_cfg.get("without_tokenizer") != "token_ids":
+        raise InputError(
+            f"{name} fits the weights to calibration text, and {tokenizer.warning}, so the text cannot be "
+            f"tokenized. {fix}."
+        )
+    if params.calib_dataset not in ("", "builtin"):
+        raise InputError(
+            f"OPTION_CALIB_DATASET={params.calib_dataset} is text, and {tokenizer.warning}, so it cannot be "
+            f"tokenized. {fix}, or leave OPTION_CALIB_DATASET unset to calibrate on token ids."
+        )
+    from datasets import Dataset
+
+    config = json.loads((input_dir / "config.json").read_text())
+    length = min(max_seq_len, 512)
+    seqs = token_id_sequences(config, count=min(params.calib_size, 256), length=length, seed=0)
+    return Dataset.from_list([{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in seqs])
+
+
 def llmcompressor_quantize(
     input_dir: Path,
     output_dir: Path,
@@ -156,17 +198,19 @@ def llmcompressor_quantize(
 ) -> dict[str, Any]:
     """Run ``oneshot`` with the sequential pipeline (one decoder layer's activations at a time)."""
     from llmcompressor import oneshot
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     fp8_cpu.install()  # same bits as the library's FP8 compression, several times faster on CPU
     tdtype = torch_dtype(dtype) or "auto"
+    tokenizer = load_tokenizer(input_dir)
+    dataset = None
+    if texts is not None:
+        dataset = _calibration_data(input_dir, tokenizer, texts, params, scheme_cfg, max_seq_len=max_seq_len)
     model = AutoModelForCausalLM.from_pretrained(input_dir, dtype=tdtype)
-    tokenizer = AutoTokenizer.from_pretrained(input_dir)
     recipe = build_recipe(params, scheme_cfg)
     kwargs: dict[str, Any] = {}
     samples = 0
-    if texts is not None:
-        dataset = calibration_dataset(tokenizer, texts, samples=params.calib_size, max_len=max_seq_len)
+    if dataset is not None:
         samples = len(dataset)
         kwargs.update(
             dataset=dataset,
@@ -185,9 +229,13 @@ def llmcompressor_quantize(
     if cancel is not None:
         cancel.raise_if_cancelled()
     model.save_pretrained(output_dir, save_compressed=True)
-    tokenizer.save_pretrained(output_dir)
+    if tokenizer.ok:
+        tokenizer.tokenizer.save_pretrained(output_dir)
     copy_aux_files(input_dir, output_dir)
-    return {"calibration_samples": samples, "oneshot_seconds": round(elapsed, 3)}
+    details: dict[str, Any] = {"calibration_samples": samples, "oneshot_seconds": round(elapsed, 3)}
+    if texts is not None:
+        details["calibration_inputs"] = "text" if tokenizer.ok else "token_ids"
+    return details
 
 
 def bnb_quantize(
@@ -203,7 +251,7 @@ def bnb_quantize(
     ``save_after_forward`` exists only so tests can reproduce the NF4 corruption and prove the
     verify gate catches it; production code never sets it.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     compute = torch_dtype(dtype) or torch.bfloat16
     if params.quantize == "nf4":
@@ -221,6 +269,8 @@ def bnb_quantize(
         with torch.no_grad():
             model(input_ids=torch.tensor([[1, 2, 3, 4]]))
     model.save_pretrained(output_dir)  # before any forward: see module docstring
-    AutoTokenizer.from_pretrained(input_dir).save_pretrained(output_dir)
+    tokenizer = load_tokenizer(input_dir)
+    if tokenizer.ok:
+        tokenizer.tokenizer.save_pretrained(output_dir)
     copy_aux_files(input_dir, output_dir)
     return {"double_quant": params.bnb_double_quant if params.quantize == "nf4" else None}

@@ -46,6 +46,8 @@ def resolve_engine(params: QuantizationParams) -> dict[str, Any]:
     if params.quantize == "fp8":
         fp8 = cfg["fp8_schemes"][params.fp8_scheme]
         scheme.update(engine=fp8["engine"], calibration=fp8["calibration"], preset=fp8["preset"])
+        if "without_tokenizer" in fp8:
+            scheme["without_tokenizer"] = fp8["without_tokenizer"]
         key = params.fp8_scheme.lower()
     scheme["verify_key"] = key
     return scheme
