@@ -21,7 +21,7 @@ import pytest
 from optjob.api.errors import ValidationException
 from optjob.jobs.executor import Executor
 from optjob.jobs.logs import follow
-from optjob.jobs.outcomes import MAX_FAILURE_REASON
+from optjob.jobs.outcomes import MAX_FAILURE_REASON, reason_problems
 from optjob.jobs.service import JobService
 from optjob.jobs.store import JobRecord
 from optjob.jobs.worker import Worker
@@ -40,6 +40,13 @@ from tests.test_jobs_support import (  # noqa: F401
     wait_for,
     wait_status,
 )
+
+
+def formed(reason: str | None) -> str:
+    """The FailureReason, after checking its form: one sentence a person can act on, no traceback."""
+    assert reason, "no FailureReason"
+    assert reason_problems(reason) == [], (reason, reason_problems(reason))
+    return reason
 
 
 def log_records(record: JobRecord) -> list[dict]:
@@ -86,8 +93,8 @@ def test_pipeline_failure_is_failed_with_its_reason(
     use_pipeline(monkeypatch, "input_error")
     service.create(make_request("bad-input"))
     record = wait_status(service, "bad-input", "FAILED")
-    assert service.describe("bad-input").failure_reason == (
-        "config.json is missing from s3://models-bucket/llama/: upload the whole model directory"
+    assert formed(service.describe("bad-input").failure_reason) == (
+        "config.json is missing from s3://models-bucket/llama/: upload the whole model directory."
     )
     assert record.start_time is not None and record.end_time is not None
 
@@ -98,8 +105,9 @@ def test_unexpected_exception_is_internal_error(
     use_pipeline(monkeypatch, "bug")
     service.create(make_request("buggy"))
     record = wait_status(service, "buggy", "FAILED")
-    reason = service.describe("buggy").failure_reason or ""
-    assert reason.startswith("internal error: RuntimeError: xxx") and len(reason) == MAX_FAILURE_REASON
+    reason = formed(service.describe("buggy").failure_reason)
+    assert reason.startswith("internal error: RuntimeError: xxx") and len(reason) <= MAX_FAILURE_REASON
+    assert "This is a bug in optjob" in reason and "optjob logs buggy" in reason
     assert any("Traceback" in r.get("traceback", "") for r in log_records(record))
 
 
@@ -114,7 +122,7 @@ def test_real_pipeline_failure_reaches_describe(
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     service.create(make_request("no-creds"))
     wait_status(service, "no-creds", "FAILED", timeout=30)
-    reason = service.describe("no-creds").failure_reason or ""
+    reason = formed(service.describe("no-creds").failure_reason)
     assert reason and len(reason) <= MAX_FAILURE_REASON
 
 
@@ -170,7 +178,7 @@ def test_max_runtime_ends_failed_with_reason(
         use_pipeline(monkeypatch, "stubborn")
     service.create(make_request("slow", StoppingCondition={"MaxRuntimeInSeconds": 1}))
     record = wait_status(service, "slow", "FAILED")
-    reason = service.describe("slow").failure_reason or ""
+    reason = formed(service.describe("slow").failure_reason)
     assert reason.startswith("MaxRuntimeExceeded: the job ran longer than StoppingCondition.MaxRuntimeInSeconds (1 s)")
     assert record.end_time is not None and record.start_time is not None
     assert record.end_time - record.start_time >= 1
@@ -193,7 +201,7 @@ def test_max_pending_time_ends_failed_with_capacity_error(home: Path, monkeypatc
         with service.store.transaction() as conn:
             conn.execute("UPDATE jobs SET creation_time = creation_time - 1801 WHERE name = 'waiter'")
         wait_status(service, "waiter", "FAILED")
-        reason = service.describe("waiter").failure_reason or ""
+        reason = formed(service.describe("waiter").failure_reason)
         assert reason.startswith("CapacityError: no executor slot became free within")
         service.stop("hog")
         wait_status(service, "hog", "STOPPED")
@@ -223,7 +231,7 @@ def test_kill_9_of_worker_ends_failed_with_how_it_died(
     wait_for(lambda: (scratch(settings, "victim") / "partial.bin").exists())
     os.kill(record.worker_pid, signal.SIGKILL)
     wait_status(service, "victim", "FAILED")
-    reason = service.describe("victim").failure_reason or ""
+    reason = formed(service.describe("victim").failure_reason)
     assert reason.startswith(f"worker process (pid {record.worker_pid}) was killed by signal 9 (SIGKILL)")
     assert "out-of-memory" in reason
     assert not scratch(settings, "victim").exists()
@@ -235,9 +243,9 @@ def test_worker_crash_reports_exit_code_and_last_output(
     use_pipeline(monkeypatch, "crash")
     service.create(make_request("crasher"))
     wait_status(service, "crasher", "FAILED")
-    reason = service.describe("crasher").failure_reason or ""
+    reason = formed(service.describe("crasher").failure_reason)
     assert "exited with code 7 before it recorded a result" in reason
-    assert reason.endswith("Last output: fatal: simulated native crash")
+    assert reason.endswith("Last output: fatal: simulated native crash.")
 
 
 def test_sigterm_without_stop_is_failed_interrupted(
@@ -248,7 +256,7 @@ def test_sigterm_without_stop_is_failed_interrupted(
     wait_for(lambda: service.get("shutdown").last_event)
     os.kill(service.get("shutdown").worker_pid, signal.SIGTERM)
     wait_status(service, "shutdown", "FAILED")
-    assert (service.describe("shutdown").failure_reason or "").startswith("interrupted: the worker received SIGTERM")
+    assert formed(service.describe("shutdown").failure_reason).startswith("interrupted: the worker received SIGTERM")
 
 
 def test_stop_racing_completion_has_exactly_one_outcome(service: JobService, settings: Settings) -> None:

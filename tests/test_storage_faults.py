@@ -31,7 +31,6 @@ SETTINGS = S3Settings(
 )  # fmt: skip
 
 
-
 @pytest.fixture
 def proxy(s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
     upstream = urlsplit(s3_bucket.server.endpoint_url)

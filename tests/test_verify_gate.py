@@ -15,7 +15,7 @@ from optjob.targets.catalog import instance
 from optjob.techniques.quantize import engines, streaming
 from optjob.techniques.quantize.params import parse_params
 from optjob.testing import build_tiny_llama
-from optjob.verify.gate import evaluate, run_gate, thresholds_for
+from optjob.verify.gate import evaluate, judge, run_gate, thresholds_for
 from optjob.verify.tensors import compare_checkpoints
 
 
@@ -173,3 +173,96 @@ def test_unquantized_tensors_compared_in_row_blocks_match_the_whole_tensor_figur
     assert rel == pytest.approx(expected_rel, rel=1e-5, abs=1e-12)
     assert cos == pytest.approx(expected_cos, rel=1e-6)
     assert (rel == 0.0) == (change == "none")
+
+
+def _quantized(scheme: str, src, out) -> None:
+    """The tiny model through the scheme's real engine (a small calibration set)."""
+    from optjob.techniques.quantize.calibration import load_texts
+    from optjob.techniques.quantize.technique import resolve_engine
+
+    env = {"OPTION_QUANTIZE": scheme, "OPTION_CALIB_SIZE": "64"}
+    if scheme == "fp8_dynamic":
+        env = {"OPTION_QUANTIZE": "fp8", "OPTION_FP8_SCHEME": "FP8_DYNAMIC"}
+    params = parse_params(env)
+    cfg = resolve_engine(params)
+    if cfg["engine"] == "streaming":
+        streaming.quantize_checkpoint(src, out, preset=cfg["preset"], ignore=params.ignore)
+        engines.copy_aux_files(src, out)
+    else:
+        engines.llmcompressor_quantize(src, out, params, cfg, texts=load_texts(None), dtype="auto", max_seq_len=256)
+
+
+_TARGET, _OTHER = "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.o_proj"
+
+
+def _scale_x2(t):
+    t[f"{_TARGET}.weight_scale"] = t[f"{_TARGET}.weight_scale"] * 2
+
+
+def _zeroed(t):
+    key = f"{_TARGET}.weight_packed" if f"{_TARGET}.weight_packed" in t else f"{_TARGET}.weight"
+    t[key] = torch.zeros_like(t[key])
+
+
+def _swapped(t):
+    first = "model.layers.1.self_attn.q_proj"
+    for suffix in ("weight_packed", "weight", "weight_scale", "weight_zero_point"):
+        if f"{first}.{suffix}" in t:
+            t[f"{first}.{suffix}"], t[f"{_OTHER}.{suffix}"] = t[f"{_OTHER}.{suffix}"], t[f"{first}.{suffix}"]
+
+
+@pytest.fixture(scope="module", params=["gptq", "awq", "fp8_dynamic"])
+def scheme_output(request, tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param) / "out"
+    _quantized(request.param, tiny, out)
+    return request.param, out
+
+
+def test_correct_output_of_each_scheme_passes_with_weight_figures_in_their_role(tiny, scheme_output):
+    scheme, out = scheme_output
+    report = run_gate(tiny, out, scheme)
+    assert report.passed and report.e2e["max_layer_rel_error"] < 0.05
+    assert report.thresholds["judge"] == ("output" if scheme in ("gptq", "awq") else "weights")
+
+
+@pytest.mark.parametrize("corrupt", [_scale_x2, _zeroed, _swapped], ids=["scale x2", "zeroed", "swapped"])
+def test_each_corruption_fails_the_gate(tiny, scheme_output, corrupt, tmp_path):
+    import shutil
+
+    scheme, out = scheme_output
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    for file in bad.glob("*.safetensors"):
+        tensors = load_file(file)
+        corrupt(tensors)
+        save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(VerificationFailed) as info:
+        run_gate(tiny, bad, scheme)
+    reason = str(info.value)
+    assert "Nothing was published" in reason and len(reason) <= 1024
+    if scheme == "awq" and corrupt is _scale_x2:  # channel rescaling hides it from the weights: the layer shows it
+        assert "decoder layer 1 output relative error" in reason
+
+
+def test_gptq_weight_error_alone_is_a_diagnostic_not_a_verdict():
+    """The reported case: GPTQ at rel 0.27 / cos 0.965 with excellent output passes, noted."""
+    per_tensor = {"quantized_tensors": 28, "max_rel_error": 0.2719, "min_cosine": 0.96484,
+                  "worst_tensor": "model.layers.2.mlp.down_proj.weight", "unquantized_max_rel_error": 0.0}  # fmt: skip
+    e2e = {"mean_kl": 0.0005861, "top1_agreement": 0.991, "confident_top1_agreement": 0.995,
+           "confident_positions": 200, "positions": 220, "max_layer_rel_error": 0.08, "worst_layer": 2}  # fmt: skip
+    failures, notes = judge("gptq", per_tensor, e2e)
+    assert failures == [] and any("diagnostic only" in n and "0.2719" in n for n in notes)
+    assert judge("gptq", per_tensor, None)[0]  # without output figures, the weights decide after all
+    assert evaluate("fp8_dynamic", {**per_tensor, "max_rel_error": 0.07, "min_cosine": 0.999}, e2e)
+
+
+def test_flat_distributions_are_not_judged_on_top1():
+    """The reported case: an untrained model, raw top-1 0.654, KL 0.0137 under FP8_DYNAMIC."""
+    per_tensor = {"quantized_tensors": 112, "max_rel_error": 0.027, "min_cosine": 0.9995, "worst_tensor": "w",
+                  "unquantized_max_rel_error": 0.0}  # fmt: skip
+    e2e = {"mean_kl": 0.01373, "top1_agreement": 0.654, "confident_top1_agreement": 1.0,
+           "confident_positions": 3, "positions": 220, "max_layer_rel_error": 0.05, "worst_layer": 0}  # fmt: skip
+    failures, notes = judge("fp8_dynamic", per_tensor, e2e)
+    assert failures == [] and any("top-1 agreement not judged" in n for n in notes)
+    confident_and_wrong = {**e2e, "confident_positions": 100, "confident_top1_agreement": 0.6}
+    assert any("top-1 agreement 0.600" in f for f in evaluate("fp8_dynamic", per_tensor, confident_and_wrong))

@@ -189,7 +189,7 @@ def test_local_state_transitions_render_valid_describe() -> None:
 
     refused = LocalState(request, None, state.arn)
     refused.fail("no GPU", "host")
-    assert refused.describe().failure_reason == "no GPU"
+    assert refused.describe().failure_reason == "no GPU."
 
 
 def test_status_document_is_a_describe_response_botocore_can_parse() -> None:

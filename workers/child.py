@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from optjob.errors import JobCancelled, JobFailed, ToolchainMissing
+from optjob.jobs.outcomes import internal_error_reason
 from optjob.jobs.worker import load_pipeline
 from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import Event, EventSink
@@ -76,7 +77,7 @@ def run_job(job_file: Path, channel: Channel, cancel: CancelToken) -> int:
         return 0
     except Exception as exc:  # noqa: BLE001 - a bug must still end the job FAILED, with a reason
         traceback.print_exc(file=sys.stderr)
-        channel.send("failed", category="internal", reason=f"internal error: {type(exc).__name__}: {exc}")
+        channel.send("failed", category="internal", reason=internal_error_reason(exc))
         return 0
     channel.send(
         "completed",

@@ -13,12 +13,23 @@ contract (the SageMaker SDK raises ``CapacityError`` when the reason contains it
 
 from __future__ import annotations
 
+import re
 import signal
 
+from optjob.errors import MAX_REASON, clip_words
 from optjob.jobs.logs import JobLog
 from optjob.jobs.store import ACTIVE_STATUSES, Store
 
-MAX_FAILURE_REASON = 1024
+MAX_FAILURE_REASON = MAX_REASON
+_TRACEBACK = "Traceback (most recent call last)"
+_TRACEBACK_LINE = re.compile(r'File "[^"]+", line \d+')
+# A reason says what a person can do; one of these verbs is how it says it.
+ACTION_WORDS = (
+    "accept", "add", "allow", "ask", "attach", "change", "check", "choose", "configure", "create", "delete", "drop",
+    "enable", "fix", "free", "give", "grant", "include", "increase", "install", "keep", "lower", "make", "move",
+    "pass", "provide", "raise", "reduce", "remove", "rename", "report", "retry", "run", "see", "select", "set",
+    "shorten", "split", "start", "try", "update", "upload", "use", "wait",
+)  # fmt: skip
 
 
 def signal_name(number: int) -> str:
@@ -58,9 +69,11 @@ def died_reason(returncode: int | None, pid: int, *, last_output: str = "") -> s
             text += "; when nobody sent it, this is usually the kernel's out-of-memory killer"
     else:
         text = f"worker process (pid {pid}) exited with code {returncode} before it recorded a result"
-    text += "; see `optjob logs` for its last progress"
+    text += "; see `optjob logs` for its last progress, then create the job again"
+    if returncode is not None and returncode == -signal.SIGKILL:
+        text += " (on a host with more memory if it ran out)"
     if last_output:
-        text += f". Last output: {last_output}"
+        text += f". Last output: {clip_words(last_output, 300)}"
     return text
 
 
@@ -71,22 +84,69 @@ def interrupted_reason() -> str:
     )
 
 
-def clip_reason(reason: str) -> str:
-    """FailureReason is at most 1024 characters; keep the start, which names the cause."""
-    reason = reason.strip() or "unknown error"
-    return reason if len(reason) <= MAX_FAILURE_REASON else reason[: MAX_FAILURE_REASON - 3] + "..."
+def internal_error_reason(exc: BaseException, *, job: str | None = None) -> str:
+    """A bug's FailureReason: the exception's first line, and where its traceback is."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    where = f"optjob logs {job}" if job else "the worker's log"
+    return (
+        f"internal error: {type(exc).__name__}: {clip_words(first, 400)}. This is a bug in optjob, not in the "
+        f"request: the traceback is in the job log ({where}); report it with that log, then retry the job."
+    )
+
+
+def clip_reason(reason: str, *, job: str | None = None) -> str:
+    """A FailureReason in SageMaker's form: one line, at most 1024 characters, never a traceback,
+    never cut mid-word, ending a sentence. What did not fit is in the job log, which it names."""
+    text = reason.split(_TRACEBACK)[0] if _TRACEBACK in reason else reason
+    text = " ".join(text.split()) or "unknown error"
+    if not text.endswith("."):
+        text += "."
+    if len(text) <= MAX_FAILURE_REASON:
+        return text
+    pointer = f"; the full text is in the job log (optjob logs {job})." if job else "; the full text is in the job log."
+    body, _, last = text[:-1].rpartition(". ")
+    advice = f" {last}." if body and len(last) <= 300 else ""  # the closing sentence says what to do: keep it
+    body = body if advice else text
+    return clip_words(body, MAX_FAILURE_REASON - len(pointer) - len(advice)) + pointer + advice
+
+
+def reason_problems(reason: str) -> list[str]:
+    """What keeps ``reason`` from being a FailureReason a person can act on (empty: none)."""
+    problems = []
+    if len(reason) > MAX_FAILURE_REASON:
+        problems.append(f"longer than {MAX_FAILURE_REASON} characters ({len(reason)})")
+    if "\n" in reason:
+        problems.append("spans several lines")
+    if _TRACEBACK in reason or _TRACEBACK_LINE.search(reason):
+        problems.append("contains a traceback")
+    if not reason.rstrip().endswith("."):
+        problems.append("does not end a sentence")
+    if re.search(r"\w\.\.\.", reason):
+        problems.append("is cut mid-word")
+    words = set(re.findall(r"[a-z]+", reason.lower()))
+    if not words & set(ACTION_WORDS):
+        problems.append("says nothing a person can do")
+    return problems
 
 
 def fail(
     store: Store, name: str, reason: str, *, expect: tuple[str, ...] = ACTIVE_STATUSES, category: str | None = None
 ) -> bool:
     """Move the job to FAILED with ``reason`` if its status is in ``expect``; log it if we did."""
-    reason = clip_reason(reason)
+    full = reason
+    reason = clip_reason(reason, job=name)
     if not store.transition(name, expect=expect, to="FAILED", failure_reason=reason):
         return False
     record = store.get(name)
     if record is not None:
-        JobLog(record.log_path).write("lifecycle", "FAILED", reason, level="error", category=category)
+        JobLog(record.log_path).write(
+            "lifecycle",
+            "FAILED",
+            reason,
+            level="error",
+            category=category,
+            full_reason=full if full != reason else None,
+        )
     return True
 
 

@@ -26,7 +26,7 @@ import psutil
 
 from optjob.errors import JobCancelled, JobFailed
 from optjob.jobs.logs import JobLog
-from optjob.jobs.outcomes import clip_reason, end_stopping, fail, interrupted_reason
+from optjob.jobs.outcomes import clip_reason, end_stopping, fail, internal_error_reason, interrupted_reason
 from optjob.jobs.store import Store, now_ms
 from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import Event, EventSink
@@ -96,7 +96,7 @@ class Worker:
             self.log.write(
                 "worker", "error", f"{type(exc).__name__}: {exc}", level="error", traceback=traceback.format_exc()
             )
-            self._fail(f"internal error: {type(exc).__name__}: {exc}", category="internal")
+            self._fail(internal_error_reason(exc, job=self.name), category="internal")
             return EXIT_INTERNAL
         return self._complete(outcome)
 
@@ -143,7 +143,7 @@ class Worker:
     def _fail(self, reason: str, *, category: str) -> None:
         """INPROGRESS -> FAILED; if a Stop or timeout got there first, that stop's outcome wins."""
         if not fail(self.store, self.name, reason, expect=("INPROGRESS",), category=category):
-            end_stopping(self.store, self.name, f"ended while failing: {clip_reason(reason)}")
+            end_stopping(self.store, self.name, f"ended while failing: {clip_reason(reason, job=self.name)}")
 
     # --- plumbing ------------------------------------------------------------------------
 

@@ -200,7 +200,7 @@ class WeightDecoder:
     def owns(self, name: str) -> bool:
         """Whether ``name`` is part of a quantized module's stored weight (not a plain tensor)."""
         module, _, local = name.rpartition(".")
-        if module in self._quantized and (local in _QUANT_SUFFIXES or local == "weight"):
+        if module in self._quantized and (local in _QUANT_SUFFIXES or local.startswith("weight")):
             return True
         return self.method == "bitsandbytes" and ".weight." in name and name.split(".weight.")[0] in self._quantized
 

@@ -43,7 +43,10 @@ class LocalCalibrationSource:
         path = Path(urlparse(uri).path) if uri.startswith("file://") else Path(uri)
         files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
         if not files or not all(f.is_file() for f in files):
-            raise InputError(f"OPTION_CALIB_DATASET={uri}: no such JSONL file or directory")
+            raise InputError(
+                f"OPTION_CALIB_DATASET={uri}: no such JSONL file or directory. Check the path, or leave "
+                "OPTION_CALIB_DATASET unset to use the built-in corpus"
+            )
         for file in files:
             with file.open(encoding="utf-8") as handle:
                 yield from handle
@@ -65,7 +68,10 @@ class StorageCalibrationSource:
             return str(self._storage.read_text(uri))
         if hasattr(self._storage, "read_bytes"):
             return bytes(self._storage.read_bytes(uri)).decode("utf-8")
-        raise InputError(f"OPTION_CALIB_DATASET={uri}: this worker's storage client cannot read objects")
+        raise InputError(
+            f"OPTION_CALIB_DATASET={uri}: this worker's storage client cannot read objects. Run the job through "
+            "optjob (run, serve or the worker entrypoint), which gives it one"
+        )
 
     def read_lines(self, uri: str) -> Iterator[str]:
         uris = [uri]
@@ -78,7 +84,10 @@ class StorageCalibrationSource:
 def source_for(uri: str, storage: Any = None) -> CalibrationSource:
     if uri.startswith("s3://") or uri.startswith("https://"):
         if storage is None:
-            raise InputError(f"OPTION_CALIB_DATASET={uri}: no storage client is configured for this worker")
+            raise InputError(
+                f"OPTION_CALIB_DATASET={uri}: no storage client is configured for this worker. Run the job through "
+                "optjob (run, serve or the worker entrypoint), which gives it one"
+            )
         return StorageCalibrationSource(storage)
     return LocalCalibrationSource()
 

@@ -144,6 +144,13 @@ def calibration_dataset(tokenizer: Any, texts: list[str], *, samples: int, max_l
     return Dataset.from_list(rows)
 
 
+class _TokenIdsOnly:
+    """The processor handed to ``oneshot`` when samples are token ids and the model has no tokenizer:
+    llm-compressor only asks it which input names mark a dataset as already tokenized."""
+
+    model_input_names = ["input_ids", "attention_mask"]
+
+
 def _calibration_data(
     input_dir: Path,
     tokenizer: TokenizerLoad,
@@ -212,6 +219,8 @@ def llmcompressor_quantize(
     samples = 0
     if dataset is not None:
         samples = len(dataset)
+        if not tokenizer.ok:
+            kwargs["processor"] = _TokenIdsOnly()
         kwargs.update(
             dataset=dataset,
             num_calibration_samples=samples,

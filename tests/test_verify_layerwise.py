@@ -1,0 +1,175 @@
+"""The layer-by-layer end-to-end check: equal to the whole-model comparison, no tokenizer needed,
+and models that are weights-only or untrained go through a real job's gate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import BaseModel
+
+from optjob.pipeline.stage import StageContext, technique_for
+from optjob.targets.catalog import instance
+from optjob.testing import build_tiny_llama
+from optjob.verify.e2e import Inputs, compare, figures_of, paired_log_probs, verification_inputs
+from optjob.verify.gate import thresholds_config
+
+SUPPORTED = ["llama"]
+
+
+class _Config(BaseModel):
+    Image: str | None = None
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "m")
+
+
+@pytest.fixture(scope="module")
+def nf4_out(tiny, tmp_path_factory) -> Path:
+    from optjob.techniques.quantize import engines
+    from optjob.techniques.quantize.params import parse_params
+
+    out = tmp_path_factory.mktemp("nf4") / "out"
+    params = parse_params({"OPTION_QUANTIZE": "nf4", "OPTION_BNB_DOUBLE_QUANT": "false"})
+    engines.bnb_quantize(tiny, out, params, dtype="fp32")
+    return out
+
+
+def _log_probs(model, ids: list[list[int]]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(torch.tensor([seq])).logits[0].float().log_softmax(-1) for seq in ids]
+
+
+def _whole_model(source: Path, weights_from: Path | None = None):
+    """transformers' whole model in float32; with ``weights_from``, every weight of that checkpoint
+    (quantized ones decoded) assigned in place of the source's."""
+    from contextlib import ExitStack
+
+    from transformers import AutoModelForCausalLM
+
+    from optjob.verify.tensors import CheckpointReader, WeightDecoder
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    if weights_from is not None:
+        qconfig = json.loads((weights_from / "config.json").read_text()).get("quantization_config")
+        state = model.state_dict()
+        with ExitStack() as stack:
+            reader = CheckpointReader(weights_from, stack)
+            decoder = WeightDecoder(reader, qconfig)
+            for module in decoder.modules:
+                state[f"{module}.weight"] = decoder.decode(module).float()
+            for name in reader.map:
+                if not decoder.owns(name) and name in state:
+                    state[name] = reader.get(name).float()
+        model.load_state_dict(state)
+    return model
+
+
+def test_layer_by_layer_equals_the_whole_model_comparison(tiny: Path, nf4_out: Path) -> None:
+    cfg = thresholds_config()
+    inputs = verification_inputs(tiny, list(cfg["prompts"]), max_tokens=128, token_ids={})
+    assert inputs.kind == "tokenizer" and len(inputs.ids) == len(cfg["prompts"])
+    replay = paired_log_probs(tiny, nf4_out, inputs, supported=SUPPORTED)
+    whole_src = _log_probs(_whole_model(tiny), inputs.ids)
+    whole_out = _log_probs(_whole_model(tiny, nf4_out), inputs.ids)
+    for mine, ref in zip(replay.source_log_probs, whole_src, strict=True):
+        torch.testing.assert_close(mine, ref, atol=1e-4, rtol=1e-4)
+    for mine, ref in zip(replay.output_log_probs, whole_out, strict=True):
+        torch.testing.assert_close(mine, ref, atol=1e-4, rtol=1e-4)
+    layered = figures_of(replay.source_log_probs, replay.output_log_probs, 0.25)
+    whole = figures_of(whole_src, whole_out, 0.25)
+    assert layered["mean_kl"] == pytest.approx(whole["mean_kl"], rel=1e-3, abs=1e-7)
+    assert layered["top1_agreement"] == whole["top1_agreement"]
+    assert layered["confident_top1_agreement"] == whole["confident_top1_agreement"]
+    assert layered["positions"] == whole["positions"] and layered["mean_kl"] > 0
+
+
+def test_layer_by_layer_agrees_with_the_real_loader(tiny: Path, nf4_out: Path) -> None:
+    """transformers loading the NF4 directory itself (bitsandbytes' modules, whose CPU matmul is
+    less exact than float32) predicts what the replay of the files predicts."""
+    from transformers import AutoModelForCausalLM
+
+    inputs = verification_inputs(tiny, list(thresholds_config()["prompts"]), max_tokens=128, token_ids={})
+    replay = paired_log_probs(tiny, nf4_out, inputs, supported=SUPPORTED)
+    loaded = AutoModelForCausalLM.from_pretrained(nf4_out, device_map="cpu", dtype=torch.float32).eval()
+    for mine, ref in zip(replay.output_log_probs, _log_probs(loaded, inputs.ids), strict=True):
+        torch.testing.assert_close(mine, ref, atol=0.05, rtol=0.01)
+
+
+def test_identical_checkpoints_compare_as_identical(tiny: Path) -> None:
+    figures = compare(tiny, tiny, ["Open the file and read it."], supported=SUPPORTED, confident_margin=0.25)
+    assert figures["mean_kl"] == 0.0 and figures["top1_agreement"] == 1.0
+    assert figures["max_layer_rel_error"] == 0.0 and figures["inputs"] == "tokenizer"
+
+
+@pytest.fixture(scope="module")
+def weights_only(tmp_path_factory) -> Path:
+    """config.json + safetensors shards, no tokenizer: how many fine-tunes are published."""
+    model = build_tiny_llama(tmp_path_factory.mktemp("wo") / "m", shards=3)
+    for item in model.iterdir():
+        if item.name.startswith(("tokenizer", "special_tokens")):
+            item.unlink()
+    return model
+
+
+def test_without_a_tokenizer_seeded_token_ids_are_compared(weights_only: Path) -> None:
+    first = verification_inputs(weights_only, ["text"], max_tokens=128, token_ids={"seed": 3, "length": 40})
+    again = verification_inputs(weights_only, ["text"], max_tokens=128, token_ids={"seed": 3, "length": 40})
+    assert first.kind == "token_ids" and first.ids == again.ids and "no tokenizer files" in (first.warning or "")
+    vocab = json.loads((weights_only / "config.json").read_text())["vocab_size"]
+    assert all(len(seq) == 40 and min(seq) >= 0 and max(seq) < vocab for seq in first.ids)
+
+
+def test_an_unloadable_tokenizer_is_a_warning_not_a_failure(tiny: Path, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny, broken)
+    (broken / "tokenizer.json").write_text("{not a tokenizer")
+    inputs = verification_inputs(broken, ["text"], max_tokens=128, token_ids={})
+    assert inputs.kind == "token_ids" and "could not be loaded" in (inputs.warning or "")
+    assert isinstance(inputs, Inputs)
+
+
+def _run_job_stage(model: Path, env: dict[str, str], tmp_path: Path) -> dict:
+    tech = technique_for("ModelQuantizationConfig")
+    spec = instance("ml.g6.12xlarge")
+    stage = tech.plan(_Config(), env, spec, path="OptimizationConfigs[0]")
+    ctx = StageContext(
+        job_name="t", input_dir=model, output_dir=tmp_path / "out", work_dir=tmp_path / "work", target=spec
+    )
+    result = tech.run(stage, ctx)
+    assert (ctx.output_dir / "config.json").is_file()
+    return result.metrics
+
+
+@pytest.mark.parametrize("fp8_scheme", ["FP8_DYNAMIC", "FP8"])
+def test_weights_only_checkpoint_completes_fp8(weights_only: Path, tmp_path: Path, fp8_scheme: str) -> None:
+    metrics = _run_job_stage(weights_only, {"OPTION_QUANTIZE": "fp8", "OPTION_FP8_SCHEME": fp8_scheme}, tmp_path)
+    verification = metrics["verification"]
+    assert verification["passed"] and verification["e2e"]["inputs"] == "token_ids"
+    assert any("no tokenizer files" in note for note in verification["notes"])
+    if fp8_scheme == "FP8":  # calibrated: on token ids, since there is no text to tokenize
+        assert metrics["engine_details"]["calibration_inputs"] == "token_ids"
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
+
+
+def test_untrained_model_completes_fp8_dynamic(tmp_path: Path) -> None:
+    """Flat next-token distributions: top-1 flips on noise, so it is judged only where confident."""
+    model = build_tiny_llama(tmp_path / "m", train_steps=0, seed=1)
+    metrics = _run_job_stage(model, {"OPTION_QUANTIZE": "fp8", "OPTION_FP8_SCHEME": "FP8_DYNAMIC"}, tmp_path)
+    e2e = metrics["verification"]["e2e"]
+    assert metrics["verification"]["passed"]
+    assert e2e["confident_positions"] < e2e["positions"]  # the flat positions were not judged on top-1
+
+
+def test_e2e_reports_its_own_peak_memory(tiny: Path, nf4_out: Path) -> None:
+    from optjob.verify.e2e import run_in_subprocess
+
+    figures = run_in_subprocess(tiny, nf4_out, ["Open the file and read it."])
+    assert 0 < figures["peak_rss_above_idle_mib"] < figures["peak_rss_mib"]
+    assert len(figures["layer_rel_errors"]) == 4
