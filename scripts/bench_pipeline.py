@@ -358,14 +358,16 @@ def baseline_worker(src_uri: str, dst_uri: str, tmp: Path) -> dict[str, Any]:
     phases["download_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(local, dtype=torch.bfloat16)
-    tokenizer = AutoTokenizer.from_pretrained(local)
+    has_tokenizer = any((local / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(local) if has_tokenizer else None  # weights-only: none to copy
     phases["load_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     oneshot(model=model, recipe=[QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"])])
     phases["oneshot_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     model.save_pretrained(out, save_compressed=True)
-    tokenizer.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
     del model
     phases["save_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -93,17 +93,19 @@ def corruptions(scheme: str) -> dict[str, Callable[[dict[str, torch.Tensor]], No
 
 
 def figures(src: Path, out: Path, scheme: str) -> dict[str, Any]:
-    from optjob.verify.e2e import figures_of, paired_log_probs, verification_inputs
+    from optjob.verify.e2e import FigureSums, replay, verification_inputs
     from optjob.verify.gate import per_tensor_mode, thresholds_config
     from optjob.verify.tensors import compare_checkpoints
 
     cfg = thresholds_config()
     row: dict[str, Any] = compare_checkpoints(src, out, mode=per_tensor_mode(scheme)).as_dict()
     inputs = verification_inputs(src, list(cfg["prompts"]), max_tokens=128, token_ids=cfg["token_ids"])
-    replay = paired_log_probs(src, out, inputs, supported=list(cfg["e2e"]["architectures"]))
-    row["max_layer_rel_error"] = max(replay.layer_errors)
+    sums = FigureSums(MARGINS)
+    stats, errors = replay(src, out, inputs, supported=list(cfg["e2e"]["architectures"]))
+    sums.add(stats)
+    row["max_layer_rel_error"] = max(errors)
     for margin in MARGINS:
-        f = figures_of(replay.source_log_probs, replay.output_log_probs, margin)
+        f = sums.result(margin)
         row[f"top1@{margin}"] = f["confident_top1_agreement"]
         row[f"n@{margin}"] = f["confident_positions"]
         row["mean_kl"] = f["mean_kl"]

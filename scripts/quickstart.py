@@ -78,7 +78,7 @@ def main() -> int:
         prefix = spec["OptimizationJobName"] + "/"
         listing = client.list_objects_v2(Bucket="optjob-output", Prefix=prefix).get("Contents", [])
         for item in listing:
-            print(f"{item['Size']:>12,d}  {item['Key'][len(prefix):]}")
+            print(f"{item['Size']:>12,d}  {item['Key'][len(prefix) :]}")
         if not any(item["Key"].endswith("optjob-manifest.json") for item in listing):
             print("no optjob-manifest.json: the job did not publish a model")
             return 1
@@ -87,9 +87,11 @@ def main() -> int:
         )
         metrics = next(iter(manifest.get("metrics", {}).values()), {})
         verification = metrics.get("verification", {})
-        print(f"\nverification passed: {verification.get('passed')}; "
-              f"per-tensor: {json.dumps(verification.get('per_tensor', {}).get('max_rel_error'))} max rel error; "
-              f"end-to-end: {json.dumps(verification.get('e2e'))}")
+        print(
+            f"\nverification passed: {verification.get('passed')}; "
+            f"per-tensor: {json.dumps(verification.get('per_tensor', {}).get('max_rel_error'))} max rel error; "
+            f"end-to-end: {json.dumps(verification.get('e2e'))}"
+        )
     return run.returncode
 
 

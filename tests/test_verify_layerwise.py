@@ -13,7 +13,15 @@ from pydantic import BaseModel
 from optjob.pipeline.stage import StageContext, technique_for
 from optjob.targets.catalog import instance
 from optjob.testing import build_tiny_llama
-from optjob.verify.e2e import Inputs, compare, figures_of, paired_log_probs, verification_inputs
+from optjob.verify.e2e import (
+    FigureSums,
+    Inputs,
+    OnlineHeadStats,
+    PositionStats,
+    compare,
+    replay,
+    verification_inputs,
+)
 from optjob.verify.gate import thresholds_config
 
 SUPPORTED = ["llama"]
@@ -69,23 +77,51 @@ def _whole_model(source: Path, weights_from: Path | None = None):
     return model
 
 
+def _stats(src: list[torch.Tensor], out: list[torch.Tensor]) -> PositionStats:
+    parts = [PositionStats.from_log_probs(s, o) for s, o in zip(src, out, strict=True)]
+    return PositionStats(*(torch.cat([getattr(p, f) for p in parts]) for f in ("kl", "same_top1", "margin")))
+
+
+def _figures(stats: PositionStats, margin: float = 0.2) -> dict:
+    sums = FigureSums((margin,))
+    sums.add(stats)
+    return sums.result(margin)
+
+
+def test_replayed_source_predicts_exactly_what_transformers_predicts(tiny: Path) -> None:
+    from contextlib import ExitStack
+
+    from transformers import AutoConfig
+
+    from optjob.verify.e2e import LayerwiseRunner, _Checkpoint
+
+    ids = verification_inputs(tiny, list(thresholds_config()["prompts"]), max_tokens=128, token_ids={}).ids
+    runner = LayerwiseRunner(AutoConfig.from_pretrained(tiny), SUPPORTED)
+    with ExitStack() as stack:
+        side = _Checkpoint(tiny, stack)
+        hidden = runner.embed(side, ids)
+        for index in range(len(runner.layers)):
+            hidden = runner.run_layer(index, side, hidden)
+        head = side.rows("lm_head.weight", 0, 1 << 30)
+        mine = [(h @ head.T).log_softmax(-1) for h in runner.normed(side, hidden)]
+    for got, ref in zip(mine, _log_probs(_whole_model(tiny), ids), strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_layer_by_layer_equals_the_whole_model_comparison(tiny: Path, nf4_out: Path) -> None:
     cfg = thresholds_config()
     inputs = verification_inputs(tiny, list(cfg["prompts"]), max_tokens=128, token_ids={})
     assert inputs.kind == "tokenizer" and len(inputs.ids) == len(cfg["prompts"])
-    replay = paired_log_probs(tiny, nf4_out, inputs, supported=SUPPORTED)
-    whole_src = _log_probs(_whole_model(tiny), inputs.ids)
-    whole_out = _log_probs(_whole_model(tiny, nf4_out), inputs.ids)
-    for mine, ref in zip(replay.source_log_probs, whole_src, strict=True):
-        torch.testing.assert_close(mine, ref, atol=1e-4, rtol=1e-4)
-    for mine, ref in zip(replay.output_log_probs, whole_out, strict=True):
-        torch.testing.assert_close(mine, ref, atol=1e-4, rtol=1e-4)
-    layered = figures_of(replay.source_log_probs, replay.output_log_probs, 0.25)
-    whole = figures_of(whole_src, whole_out, 0.25)
-    assert layered["mean_kl"] == pytest.approx(whole["mean_kl"], rel=1e-3, abs=1e-7)
-    assert layered["top1_agreement"] == whole["top1_agreement"]
-    assert layered["confident_top1_agreement"] == whole["confident_top1_agreement"]
-    assert layered["positions"] == whole["positions"] and layered["mean_kl"] > 0
+    stats, errors = replay(tiny, nf4_out, inputs, supported=SUPPORTED)
+    assert len(errors) == 4 and all(0 < e < 0.1 for e in errors)
+    whole = _stats(_log_probs(_whole_model(tiny), inputs.ids), _log_probs(_whole_model(tiny, nf4_out), inputs.ids))
+    torch.testing.assert_close(stats.kl, whole.kl, atol=1e-6, rtol=1e-3)
+    assert torch.equal(stats.same_top1, whole.same_top1)
+    torch.testing.assert_close(stats.margin, whole.margin, atol=1e-4, rtol=1e-4)
+    layered, reference = _figures(stats), _figures(whole)
+    assert layered["mean_kl"] == pytest.approx(reference["mean_kl"], rel=1e-3) and layered["mean_kl"] > 0
+    for key in ("top1_agreement", "confident_top1_agreement", "confident_positions", "positions"):
+        assert layered[key] == reference[key]
 
 
 def test_layer_by_layer_agrees_with_the_real_loader(tiny: Path, nf4_out: Path) -> None:
@@ -94,10 +130,27 @@ def test_layer_by_layer_agrees_with_the_real_loader(tiny: Path, nf4_out: Path) -
     from transformers import AutoModelForCausalLM
 
     inputs = verification_inputs(tiny, list(thresholds_config()["prompts"]), max_tokens=128, token_ids={})
-    replay = paired_log_probs(tiny, nf4_out, inputs, supported=SUPPORTED)
+    stats, _ = replay(tiny, nf4_out, inputs, supported=SUPPORTED)
     loaded = AutoModelForCausalLM.from_pretrained(nf4_out, device_map="cpu", dtype=torch.float32).eval()
-    for mine, ref in zip(replay.output_log_probs, _log_probs(loaded, inputs.ids), strict=True):
-        torch.testing.assert_close(mine, ref, atol=0.05, rtol=0.01)
+    real = _stats(_log_probs(_whole_model(tiny), inputs.ids), _log_probs(loaded, inputs.ids))
+    torch.testing.assert_close(stats.kl, real.kl, atol=2e-3, rtol=0.05)
+    assert _figures(stats)["top1_agreement"] == pytest.approx(_figures(real)["top1_agreement"], abs=0.011)
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 5000])
+def test_online_head_statistics_equal_the_whole_vocabulary_figures(block: int) -> None:
+    gen = torch.Generator().manual_seed(block)
+    a = torch.randn(9, 300, generator=gen) * 4
+    b = a + 0.3 * torch.randn(9, 300, generator=gen)
+    b[3] = a[3]  # an identical position: KL exactly 0
+    online = OnlineHeadStats(9)
+    for start in range(0, 300, block):
+        online.add(a[:, start : start + block], b[:, start : start + block], start)
+    got = online.result()
+    ref = PositionStats.from_log_probs(a.double().log_softmax(-1).float(), b.double().log_softmax(-1).float())
+    torch.testing.assert_close(got.kl, ref.kl, atol=1e-6, rtol=1e-5)
+    assert torch.equal(got.same_top1, ref.same_top1) and abs(float(got.kl[3])) < 1e-9
+    torch.testing.assert_close(got.margin, ref.margin, atol=1e-5, rtol=1e-5)
 
 
 def test_identical_checkpoints_compare_as_identical(tiny: Path) -> None:

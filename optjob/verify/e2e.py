@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +47,7 @@ import torch
 from optjob.errors import InfrastructureError, clip_words
 from optjob.pipeline.events import NULL_SINK, EventSink
 
-_LM_HEAD_ROWS = 8192  # vocabulary rows of the LM head materialized at once (64 MB at hidden 2048)
+_LM_HEAD_ROWS = 4096  # vocabulary rows of the LM head materialized at once (32 MB at hidden 2048)
 
 
 @dataclass(frozen=True)
@@ -210,74 +210,149 @@ class LayerwiseRunner:
                 handle.remove()
             layer.to("meta")  # frees this layer's float32 weights before the next is read
 
-    def log_probs(self, side: _Checkpoint, hidden: list[torch.Tensor]) -> Iterator[torch.Tensor]:
-        """Final norm, then the LM head a block of vocabulary rows at a time; log-softmax per input."""
+    def normed(self, side: _Checkpoint, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The final norm of each input's last hidden state, ``[positions, hidden]``."""
         norm = self.model.model.norm
         norm.load_state_dict(side.state(f"{self.base_prefix}norm."), strict=True, assign=True)
-        head = "lm_head.weight"
-        if not side.has(head) and self.tied:
-            head = f"{self.base_prefix}embed_tokens.weight"
-        vocab = int(side.reader.slice(head).get_shape()[0])
         with torch.no_grad():
-            normed = [norm(h)[0] for h in hidden]
-            logits = [torch.empty(h.shape[0], vocab) for h in normed]
-            for start in range(0, vocab, _LM_HEAD_ROWS):
-                block = side.rows(head, start, start + _LM_HEAD_ROWS)
-                for h, out in zip(normed, logits, strict=True):
-                    out[:, start : start + block.shape[0]] = h @ block.T
+            out = [norm(h)[0] for h in hidden]
         norm.to("meta")
-        for out in logits:
-            yield out.log_softmax(-1)
+        return out
+
+    def head_stats(
+        self, src: _Checkpoint, out: _Checkpoint, src_normed: torch.Tensor, out_normed: torch.Tensor
+    ) -> PositionStats:
+        """Per-position next-token figures of both sides, the LM heads read a block of rows at a time.
+
+        No ``positions x vocabulary`` logits are kept (0.5 MB per position and side at a 128k
+        vocabulary): softmax sums are accumulated online over the vocabulary blocks, rescaled as
+        the running maximum moves, as in a streaming softmax.
+        """
+        heads = [self._head_name(side) for side in (src, out)]
+        vocab = int(src.reader.slice(heads[0]).get_shape()[0])
+        acc = OnlineHeadStats(src_normed.shape[0])
+        with torch.no_grad():
+            for start in range(0, vocab, _LM_HEAD_ROWS):
+                a = src_normed @ src.rows(heads[0], start, start + _LM_HEAD_ROWS).T
+                b = out_normed @ out.rows(heads[1], start, start + _LM_HEAD_ROWS).T
+                acc.add(a, b, start)
+        return acc.result()
+
+    def _head_name(self, side: _Checkpoint) -> str:
+        if not side.has("lm_head.weight") and self.tied:
+            return f"{self.base_prefix}embed_tokens.weight"
+        return "lm_head.weight"
+
+
+@dataclass
+class PositionStats:
+    """Per position: KL(source || output) in nats, whether top-1 agrees, the source's top-1 margin."""
+
+    kl: torch.Tensor
+    same_top1: torch.Tensor
+    margin: torch.Tensor
+
+    @classmethod
+    def from_log_probs(cls, s: torch.Tensor, o: torch.Tensor) -> PositionStats:
+        """The same figures from whole log-probability rows (the reference the online form must equal)."""
+        top2 = s.topk(2, dim=-1).values
+        kl = (s.exp() * (s - o)).sum(-1)
+        return cls(kl.double(), s.argmax(-1) == o.argmax(-1), (top2[:, 0] - top2[:, 1]).double())
+
+
+class OnlineHeadStats:
+    """Running softmax sums over vocabulary blocks for ``positions`` rows of source (a) and output
+    (b) logits. KL(p_a || p_b) = sum(e^(a-m_a) (a - b)) / S_a - LSE(a) + LSE(b), with
+    S = sum(e^(x - m)) and LSE = m + log S; all accumulators are float64 per position."""
+
+    def __init__(self, positions: int) -> None:
+        neg = torch.full((positions,), -math.inf, dtype=torch.float64)
+        self.m_a, self.m_b = neg.clone(), neg.clone()
+        self.s_a = torch.zeros(positions, dtype=torch.float64)
+        self.s_b = torch.zeros(positions, dtype=torch.float64)
+        self.t_ab = torch.zeros(positions, dtype=torch.float64)
+        self.top2_a = torch.full((positions, 2), -math.inf)
+        self.arg_a = torch.zeros(positions, dtype=torch.long)
+        self.max_b = torch.full((positions,), -math.inf)
+        self.arg_b = torch.zeros(positions, dtype=torch.long)
+
+    def add(self, a: torch.Tensor, b: torch.Tensor, offset: int) -> None:
+        new_m_a = torch.maximum(self.m_a, a.max(-1).values.double())
+        new_m_b = torch.maximum(self.m_b, b.max(-1).values.double())
+        e_a = torch.exp(a.double() - new_m_a[:, None])
+        scale_a = torch.exp(self.m_a - new_m_a).nan_to_num(0.0)
+        self.s_a = self.s_a * scale_a + e_a.sum(-1)
+        self.t_ab = self.t_ab * scale_a + (e_a * (a - b).double()).sum(-1)
+        scale_b = torch.exp(self.m_b - new_m_b).nan_to_num(0.0)
+        self.s_b = self.s_b * scale_b + torch.exp(b.double() - new_m_b[:, None]).sum(-1)
+        self.m_a, self.m_b = new_m_a, new_m_b
+        block_a = a.topk(min(2, a.shape[1]), dim=-1)
+        merged = torch.cat([self.top2_a, block_a.values], dim=-1)
+        self.top2_a = merged.topk(2, dim=-1).values
+        better_a = block_a.values[:, 0] > merged[:, 0]
+        self.arg_a = torch.where(better_a, block_a.indices[:, 0] + offset, self.arg_a)
+        block_b = b.max(-1)
+        better_b = block_b.values > self.max_b
+        self.max_b = torch.where(better_b, block_b.values, self.max_b)
+        self.arg_b = torch.where(better_b, block_b.indices + offset, self.arg_b)
+
+    def result(self) -> PositionStats:
+        lse_a = self.m_a + torch.log(self.s_a)
+        lse_b = self.m_b + torch.log(self.s_b)
+        kl = self.t_ab / self.s_a - lse_a + lse_b
+        margin = (self.top2_a[:, 0] - self.top2_a[:, 1]).double()
+        return PositionStats(kl, self.arg_a == self.arg_b, margin)
 
 
 class UnsupportedArchitecture(ValueError):
     """The model's forward is not the embed -> decoder layers -> norm -> LM head pattern we replay."""
 
 
-def figures_of(src: list[torch.Tensor], out: list[torch.Tensor], margin: float) -> dict[str, Any]:
-    agree = positions = confident = confident_agree = 0
-    kls: list[torch.Tensor] = []
-    for s, o in zip(src, out, strict=True):
-        s_top = s.argmax(-1)
-        same = s_top == o.argmax(-1)
-        agree += int(same.sum())
-        positions += s.shape[0]
-        top2 = s.topk(2, dim=-1).values
-        sure = (top2[:, 0] - top2[:, 1]) >= margin
-        confident += int(sure.sum())
-        confident_agree += int((same & sure).sum())
-        kls.append((s.exp() * (s - o)).sum(-1))
-    kl = torch.cat(kls)
-    return {
-        "top1_agreement": agree / positions,
-        "confident_top1_agreement": (confident_agree / confident) if confident else None,
-        "confident_positions": confident,
-        "confident_margin": margin,
-        "mean_kl": float(kl.mean()),
-        "max_kl": float(kl.max()),
-        "positions": positions,
-        "finite": bool(torch.isfinite(kl).all()),
-    }
+class FigureSums:
+    """Running totals of the next-token figures over positions, for one or more confidence margins."""
+
+    def __init__(self, margins: tuple[float, ...]) -> None:
+        self.margins = margins
+        self.positions = self.agree = 0
+        self.confident = dict.fromkeys(margins, 0)
+        self.confident_agree = dict.fromkeys(margins, 0)
+        self.kl_sum, self.kl_max, self.finite = 0.0, 0.0, True
+
+    def add(self, stats: PositionStats) -> None:
+        self.agree += int(stats.same_top1.sum())
+        self.positions += int(stats.kl.shape[0])
+        for margin in self.margins:
+            sure = stats.margin >= margin
+            self.confident[margin] += int(sure.sum())
+            self.confident_agree[margin] += int((stats.same_top1 & sure).sum())
+        self.finite = self.finite and bool(torch.isfinite(stats.kl).all())
+        self.kl_sum += float(stats.kl.sum())
+        self.kl_max = max(self.kl_max, float(stats.kl.max()))
+
+    def result(self, margin: float) -> dict[str, Any]:
+        confident = self.confident[margin]
+        return {
+            "top1_agreement": self.agree / self.positions,
+            "confident_top1_agreement": (self.confident_agree[margin] / confident) if confident else None,
+            "confident_positions": confident,
+            "confident_margin": margin,
+            "mean_kl": self.kl_sum / self.positions,
+            "max_kl": self.kl_max,
+            "positions": self.positions,
+            "finite": self.finite,
+        }
 
 
-@dataclass
-class Replay:
-    """What one layer-by-layer pass of both checkpoints measured."""
-
-    source_log_probs: list[torch.Tensor]
-    output_log_probs: list[torch.Tensor]
-    layer_errors: list[float]  # per decoder layer, see ``paired_log_probs``
-
-
-def paired_log_probs(
+def replay(
     source: Path,
     output: Path,
     inputs: Inputs,
     *,
     supported: list[str],
     progress: Callable[[float, str], None] | None = None,
-) -> Replay:
-    """Next-token log-probabilities of source and output for each input, layer by layer.
+) -> tuple[PositionStats, list[float]]:
+    """Replay source and output layer by layer: per-position next-token figures (every input's
+    positions, in order) and the per-layer output errors.
 
     Each output layer also runs on the *source's* hidden states (teacher forcing), which gives a
     local figure per layer: the relative error of what the layer adds to the residual stream,
@@ -305,7 +380,9 @@ def paired_log_probs(
             src_h, out_h = src_next, out_next
             if progress is not None:
                 progress((index + 1) / (layers + 1), f"decoder layer {index + 1}/{layers}")
-        return Replay(list(runner.log_probs(src, src_h)), list(runner.log_probs(out, out_h)), errors)
+        src_n = torch.cat(runner.normed(src, src_h))
+        out_n = torch.cat(runner.normed(out, out_h))
+        return runner.head_stats(src, out, src_n, out_n), errors
 
 
 def compare(
@@ -322,12 +399,14 @@ def compare(
     """Figures of ``output`` against ``source``, computed layer by layer in this process."""
     started = time.monotonic()
     inputs = verification_inputs(source, prompts, max_tokens=max_tokens, token_ids=token_ids or {})
-    replay = paired_log_probs(source, output, inputs, supported=supported or _supported_default(), progress=progress)
-    figures = figures_of(replay.source_log_probs, replay.output_log_probs, confident_margin)
-    worst = max(range(len(replay.layer_errors)), key=replay.layer_errors.__getitem__, default=None)
+    sums = FigureSums((confident_margin,))
+    stats, errors = replay(source, output, inputs, supported=supported or _supported_default(), progress=progress)
+    sums.add(stats)
+    figures = sums.result(confident_margin)
+    worst = max(range(len(errors)), key=errors.__getitem__, default=None)
     figures.update(
-        layer_rel_errors=[round(e, 6) for e in replay.layer_errors],
-        max_layer_rel_error=replay.layer_errors[worst] if worst is not None else 0.0,
+        layer_rel_errors=[round(e, 6) for e in errors],
+        max_layer_rel_error=errors[worst] if worst is not None else 0.0,
         worst_layer=worst,
     )
     figures.update(inputs=inputs.kind, sequences=len(inputs.ids), seconds=round(time.monotonic() - started, 3))
@@ -431,6 +510,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = thresholds_config()
     prompts = args.prompt or list(cfg["prompts"])
+    from optjob.runtime.allocator import tune_allocator
+
+    tune_allocator()  # freed layer buffers go back to the system, as in the workers
     import compressed_tensors  # noqa: F401 - imported before the idle figure, like every library used
     import transformers  # noqa: F401
 
