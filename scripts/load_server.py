@@ -115,10 +115,8 @@ def main() -> int:
     duplicates = len(listed) - len(set(listed))
     lost = set(created) - set(listed)
     unexpected = set(listed) - set(created)
-    print(
-        f"jobs created: {len(created)}, listed: {len(listed)}, lost: {len(lost)}, duplicated: {duplicates}, "
-        f"unexpected: {len(unexpected)}"
-    )
+    print(f"jobs created: {len(created)}, listed: {len(listed)}, lost: {len(lost)}, duplicated: {duplicates}, "
+          f"unexpected: {len(unexpected)}")
     for error in errors[:10]:
         print("  error:", error)
     return 0 if not errors and not lost and not duplicates and not unexpected else 1

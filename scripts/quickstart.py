@@ -87,11 +87,16 @@ def main() -> int:
         )
         metrics = next(iter(manifest.get("metrics", {}).values()), {})
         verification = metrics.get("verification", {})
+        e2e = verification.get("e2e") or {}
+        shown = ("inputs", "max_layer_rel_error", "mean_kl", "top1_agreement", "confident_top1_agreement",
+                 "confident_positions", "positions", "peak_rss_mib", "seconds")  # fmt: skip
         print(
             f"\nverification passed: {verification.get('passed')}; "
             f"per-tensor: {json.dumps(verification.get('per_tensor', {}).get('max_rel_error'))} max rel error; "
-            f"end-to-end: {json.dumps(verification.get('e2e'))}"
+            f"end-to-end (layer by layer): {json.dumps({k: e2e[k] for k in shown if k in e2e})}"
         )
+        for note in verification.get("notes", []):
+            print(f"  note: {note}")
     return run.returncode
 
 

@@ -64,7 +64,9 @@ def _check_member(annotation: Any, botocore_name: str, where: str, visited: set[
     base, meta = _split(annotation)
     s = shape(botocore_name)
     if s["type"] == "structure":
-        assert isinstance(base, type) and issubclass(base, shapes.Shape), f"{where}: expected a structure model"
+        assert isinstance(base, type) and issubclass(base, shapes.Shape), (
+            f"{where}: expected a structure model"
+        )
         assert base.__shape__ == botocore_name, f"{where}: {base.__shape__} != {botocore_name}"
         check_structure(base, visited)
         return
@@ -91,7 +93,9 @@ def check_structure(cls: type[shapes.Shape], visited: set[str]) -> None:
     visited.add(name)
     s = shape(name)
     fields = {field.alias: field for field in cls.model_fields.values()}
-    assert set(fields) == set(s["members"]), f"{name}: members differ: ours {sorted(fields)} vs {sorted(s['members'])}"
+    assert set(fields) == set(s["members"]), (
+        f"{name}: members differ: ours {sorted(fields)} vs {sorted(s['members'])}"
+    )
     required = {alias for alias, field in fields.items() if field.is_required()}
     assert required == set(s.get("required", [])), f"{name}: required differs"
     assert cls.__union__ == bool(s.get("union")), f"{name}: union flag differs"

@@ -31,6 +31,7 @@ SETTINGS = S3Settings(
 )  # fmt: skip
 
 
+
 @pytest.fixture
 def proxy(s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
     upstream = urlsplit(s3_bucket.server.endpoint_url)

@@ -20,6 +20,7 @@ JOB = {"job_name": "opt-1", "job_arn": "arn:aws:sagemaker:us-east-1:123456789012
 SMALL_PARTS = S3Settings(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, max_concurrency=4)
 
 
+
 @pytest.fixture
 def output(tmp_path: Path) -> Path:
     out = write_tiny_model(tmp_path / "out")

@@ -55,7 +55,9 @@ def valid_value(draw: st.DrawFn, shape_name: str, depth: int = 0) -> Any:
         return draw(st.lists(valid_value(s["member"]["shape"], depth + 1), min_size=lo, max_size=max(lo, hi)))
     if kind == "map":
         keys = st.from_regex(r"OPTION_[A-Z_]{1,20}", fullmatch=True)
-        return draw(st.dictionaries(keys, _string(shape(s["value"]["shape"])), max_size=min(s.get("max", 3), 3)))
+        return draw(
+            st.dictionaries(keys, _string(shape(s["value"]["shape"])), max_size=min(s.get("max", 3), 3))
+        )
     if kind == "string":
         return draw(_string(s))
     if kind == "integer":

@@ -152,7 +152,9 @@ class MapRule:
                 raise constraint_error("Map key must satisfy constraint: [" + ", ".join(key_problems) + "]")
             value_problems = self.value.problems(v)
             if value_problems:
-                raise constraint_error("Map value must satisfy constraint: [" + ", ".join(value_problems) + "]")
+                raise constraint_error(
+                    "Map value must satisfy constraint: [" + ", ".join(value_problems) + "]"
+                )
         return dict(mapping)
 
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler):
@@ -191,7 +193,9 @@ class TimestampRule:
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler):
         return core_schema.no_info_plain_validator_function(
             self._parse,
-            serialization=core_schema.plain_serializer_function_ser_schema(to_epoch, when_used="json-unless-none"),
+            serialization=core_schema.plain_serializer_function_ser_schema(
+                to_epoch, when_used="json-unless-none"
+            ),
         )
 
 

@@ -142,7 +142,9 @@ def from_pydantic(exc: ValidationError, model: type[BaseModel]) -> ValidationExc
 def parse(model: type[ShapeT], data: Any) -> ShapeT:
     """Validate wire data (a dict from JSON) into ``model``, raising SageMaker's ValidationException."""
     if not isinstance(data, dict):
-        raise SerializationException(f"Expected a JSON object for {model.__name__}, got {type(data).__name__}")
+        raise SerializationException(
+            f"Expected a JSON object for {model.__name__}, got {type(data).__name__}"
+        )
     try:
         return model.model_validate(data)
     except ValidationError as exc:

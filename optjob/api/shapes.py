@@ -52,7 +52,9 @@ JOB_STATUSES: tuple[str, ...] = ("INPROGRESS", "COMPLETED", "FAILED", "STARTING"
 TERMINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "STOPPED"})
 
 EntityName = Annotated[str, StrRule("EntityName", 1, 63, r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")]
-RoleArn = Annotated[str, StrRule("RoleArn", 20, 2048, r"arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-_/]+")]
+RoleArn = Annotated[
+    str, StrRule("RoleArn", 20, 2048, r"arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-_/]+")
+]
 S3Uri = Annotated[str, StrRule("S3Uri", 0, 1024, r"(https|s3)://([^/]+)/?(.*)")]
 KmsKeyId = Annotated[str, StrRule("KmsKeyId", 0, 2048, r"[a-zA-Z0-9:/_-]*")]
 ModelName = Annotated[str, StrRule("ModelName", 0, 63, r"[a-zA-Z0-9]([\-a-zA-Z0-9]*[a-zA-Z0-9])?")]

@@ -40,7 +40,9 @@ def read_spec(source: str) -> dict[str, Any]:
         except yaml.YAMLError:
             raise UnreadableSpec(f"{source} is neither valid JSON ({json_error}) nor YAML") from None
     if not isinstance(data, dict):
-        raise UnreadableSpec(f"{source} must hold a JSON/YAML object (the request), not {type(data).__name__}")
+        raise UnreadableSpec(
+            f"{source} must hold a JSON/YAML object (the request), not {type(data).__name__}"
+        )
     return data
 
 

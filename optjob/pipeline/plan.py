@@ -63,7 +63,8 @@ class Plan(BaseModel):
         for index, stage in enumerate(self.stages, 1):
             params = ", ".join(f"{k}={v}" for k, v in stage.params.items())
             lines.append(
-                f"stage {index}: {stage.optimization_type} via {stage.engine}" + (f" ({params})" if params else "")
+                f"stage {index}: {stage.optimization_type} via {stage.engine}"
+                + (f" ({params})" if params else "")
             )
         if self.recommended_image:
             lines.append(f"recommended inference image: {self.recommended_image}")
@@ -127,7 +128,9 @@ def _check_combination(members: list[str], problems: list[str]) -> None:
         seen[member] = seen.get(member, 0) + 1
     for member, count in seen.items():
         if count > rules["max_per_technique"]:
-            problems.append(f"{member} appears {count} times in OptimizationConfigs; give each technique once")
+            problems.append(
+                f"{member} appears {count} times in OptimizationConfigs; give each technique once"
+            )
     for member in rules["exclusive"]:
         if member in seen and len(seen) > 1:
             others = ", ".join(m for m in seen if m != member)
@@ -159,7 +162,9 @@ def build_plan(
         s3_uri=request.output_config.s3_output_location,
         kms_key_id=request.output_config.kms_key_id,
         model_name=(
-            request.output_config.sage_maker_model.model_name if request.output_config.sage_maker_model else None
+            request.output_config.sage_maker_model.model_name
+            if request.output_config.sage_maker_model
+            else None
         ),
     )
 

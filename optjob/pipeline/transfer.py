@@ -55,9 +55,8 @@ def fetch_source(
     return SourceModel(path=fetched.path, fetched=fetched)
 
 
-def build_manifest(
-    plan: Plan, job_arn: str, source: SourceModel, metrics: dict[str, Any], warnings: list[str]
-) -> dict[str, Any]:
+def build_manifest(plan: Plan, job_arn: str, source: SourceModel, metrics: dict[str, Any],
+                   warnings: list[str]) -> dict[str, Any]:
     """What the manifest says about the job; publish adds files, sizes, hashes, versions and timings."""
     return {
         "job_name": plan.job_name,

@@ -33,14 +33,18 @@ class CompilationTechnique(Technique):
     config_member = "ModelCompilationConfig"
     optimization_type = "Compilation"
 
-    def plan(self, config: BaseModel, env: Mapping[str, str], target: InstanceSpec, *, path: str) -> PlannedStage:
+    def plan(
+        self, config: BaseModel, env: Mapping[str, str], target: InstanceSpec, *, path: str
+    ) -> PlannedStage:
         env = dict(env)
         image = getattr(config, "image", None)
         if target.family == "neuron":
             degree = tensor_parallel_degree(env, target, path=path, required=True)
             dtype = env.get("OPTION_DTYPE", "fp16")
             if dtype not in NEURON_DTYPES:
-                raise PlanError(f"OPTION_DTYPE='{dtype}' at '{path}' is not one of {', '.join(NEURON_DTYPES)}")
+                raise PlanError(
+                    f"OPTION_DTYPE='{dtype}' at '{path}' is not one of {', '.join(NEURON_DTYPES)}"
+                )
             params = {
                 "tensor_parallel_degree": degree,
                 "n_positions": int(env.get("OPTION_N_POSITIONS", "128")),

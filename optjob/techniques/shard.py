@@ -17,7 +17,9 @@ class ShardingTechnique(Technique):
     config_member = "ModelShardingConfig"
     optimization_type = "Sharding"
 
-    def plan(self, config: BaseModel, env: Mapping[str, str], target: InstanceSpec, *, path: str) -> PlannedStage:
+    def plan(
+        self, config: BaseModel, env: Mapping[str, str], target: InstanceSpec, *, path: str
+    ) -> PlannedStage:
         env = dict(env)
         degree = tensor_parallel_degree(env, target, path=path, required=True)
         return PlannedStage(

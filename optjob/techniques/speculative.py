@@ -17,7 +17,9 @@ class SpeculativeDecodingTechnique(Technique):
     config_member = "ModelSpeculativeDecodingConfig"
     optimization_type = "SpeculativeDecoding"
 
-    def plan(self, config: BaseModel, env: Mapping[str, str], target: InstanceSpec, *, path: str) -> PlannedStage:
+    def plan(
+        self, config: BaseModel, env: Mapping[str, str], target: InstanceSpec, *, path: str
+    ) -> PlannedStage:
         source = getattr(config, "training_data_source", None)
         params = {
             "technique": config.technique,
