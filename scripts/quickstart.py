@@ -89,7 +89,7 @@ def main() -> int:
         verification = metrics.get("verification", {})
         e2e = verification.get("e2e") or {}
         shown = ("inputs", "max_layer_rel_error", "mean_kl", "top1_agreement", "confident_top1_agreement",
-                 "confident_positions", "positions", "peak_rss_mib", "seconds")  # fmt: skip
+                 "confident_positions", "positions", "peak_rss_above_start_mib", "seconds")  # fmt: skip
         print(
             f"\nverification passed: {verification.get('passed')}; "
             f"per-tensor: {json.dumps(verification.get('per_tensor', {}).get('max_rel_error'))} max rel error; "

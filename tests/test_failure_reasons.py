@@ -130,9 +130,10 @@ def test_failed_gate_reason_is_formed(tmp_path: Path, monkeypatch: pytest.Monkey
     assert "Nothing was published" in reason and "higher-precision scheme" in reason
 
 
-def test_end_to_end_process_failure_points_to_the_log_not_its_traceback(tmp_path: Path) -> None:
+def test_unreadable_checkpoint_in_the_end_to_end_check_points_to_the_log(tmp_path: Path) -> None:
     from optjob.pipeline.events import EventSink
-    from optjob.verify.e2e import run_in_subprocess
+    from optjob.verify.gate import run_gate
+    from optjob.verify.tensors import TensorFigures
 
     model = build_tiny_llama(tmp_path / "m", train_steps=0)
     broken = tmp_path / "broken"
@@ -140,12 +141,13 @@ def test_end_to_end_process_failure_points_to_the_log_not_its_traceback(tmp_path
     (broken / "config.json").write_text((model / "config.json").read_text())
     (broken / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
     events = []
+    figures = TensorFigures(quantized_tensors=1)
     with pytest.raises(InfrastructureError) as info:
-        run_in_subprocess(model, broken, ["hello"], events=EventSink(events.append))
+        run_gate(model, broken, "fp8_dynamic", events=EventSink(events.append), per_tensor_figures=figures)
     reason = _formed(clip_reason(str(info.value)))
-    assert "end-to-end verification process failed" in reason and "job log" in reason
+    assert "end-to-end verification could not read the checkpoints" in reason and "job log" in reason
     logged = [e for e in events if e.step == "e2e_error"]
-    assert logged and "Traceback" in logged[0].fields["output"]  # the traceback goes to the log
+    assert logged and "Traceback" in logged[0].fields["traceback"]  # the traceback goes to the log
 
 
 @pytest.mark.parametrize("member", ["ModelShardingConfig", "ModelSpeculativeDecodingConfig"])

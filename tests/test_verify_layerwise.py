@@ -220,9 +220,15 @@ def test_untrained_model_completes_fp8_dynamic(tmp_path: Path) -> None:
     assert e2e["confident_positions"] < e2e["positions"]  # the flat positions were not judged on top-1
 
 
-def test_e2e_reports_its_own_peak_memory(tiny: Path, nf4_out: Path) -> None:
-    from optjob.verify.e2e import run_in_subprocess
+def test_gate_reports_the_comparisons_own_peak_memory_and_stops_when_cancelled(tiny: Path, nf4_out: Path) -> None:
+    from optjob.errors import JobCancelled
+    from optjob.pipeline.cancel import CancelToken
+    from optjob.verify.gate import run_gate
 
-    figures = run_in_subprocess(tiny, nf4_out, ["Open the file and read it."])
-    assert 0 < figures["peak_rss_above_idle_mib"] < figures["peak_rss_mib"]
-    assert len(figures["layer_rel_errors"]) == 4
+    report = run_gate(tiny, nf4_out, "nf4")
+    assert 0 <= report.e2e["peak_rss_above_start_mib"] < report.e2e["rss_at_start_mib"]
+    assert len(report.e2e["layer_rel_errors"]) == 4
+    cancel = CancelToken()
+    cancel.cancel("stopped")
+    with pytest.raises(JobCancelled):
+        run_gate(tiny, nf4_out, "nf4", cancel=cancel)

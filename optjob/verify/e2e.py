@@ -21,9 +21,10 @@ positions, and top-1 agreement over *confident* positions only, where the source
 log-probability exceeds its runner-up by at least ``confident_margin`` nats (see verify.yaml for
 why top-1 alone misleads on flat distributions).
 
-It runs in a fresh interpreter (``run_in_subprocess``): its allocations and peak memory are its
-own and end with it. CLI (progress lines, then one JSON result line):
-``python -m optjob.verify.e2e SOURCE OUTPUT [--prompt TEXT ...]``
+It runs inside the job's worker (a second interpreter would hold another copy of torch and
+transformers, ~0.4 GB, for no benefit now that only a layer is in memory) and stops between layers
+when the job is cancelled. CLI, for looking at a pair of checkpoints by hand (prints one JSON
+object): ``python -m optjob.verify.e2e SOURCE OUTPUT [--prompt TEXT ...]``
 """
 
 from __future__ import annotations
@@ -31,10 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -43,9 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from optjob.errors import InfrastructureError, clip_words
-from optjob.pipeline.events import NULL_SINK, EventSink
 
 _LM_HEAD_ROWS = 4096  # vocabulary rows of the LM head materialized at once (32 MB at hidden 2048)
 
@@ -396,7 +391,10 @@ def compare(
     supported: list[str] | None = None,
     progress: Callable[[float, str], None] | None = None,
 ) -> dict[str, Any]:
-    """Figures of ``output`` against ``source``, computed layer by layer in this process."""
+    """Figures of ``output`` against ``source``, computed layer by layer in this process.
+
+    ``progress(fraction, message)`` is called after each decoder layer; it may raise (a job's
+    cancellation) to stop the comparison there."""
     started = time.monotonic()
     inputs = verification_inputs(source, prompts, max_tokens=max_tokens, token_ids=token_ids or {})
     sums = FigureSums((confident_margin,))
@@ -421,85 +419,9 @@ def _supported_default() -> list[str]:
     return list(thresholds_config()["e2e"]["architectures"])
 
 
-def _peak_rss_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _rss_mib() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
-
-
-def run_in_subprocess(
-    source: Path,
-    output: Path,
-    prompts: list[str],
-    *,
-    max_tokens: int = 128,
-    timeout_s: float = 1800,
-    events: EventSink = NULL_SINK,
-) -> dict[str, Any]:
-    """``compare`` in a fresh interpreter; progress lines become events, the last line is the result.
-
-    When the process fails, its output goes to the job log (an ``error`` event with the text) and
-    the raised reason is one sentence that says where to find it: a traceback never becomes a
-    FailureReason.
-    """
-    cmd = [sys.executable, "-m", "optjob.verify.e2e", str(source), str(output), "--max-tokens", str(max_tokens)]
-    for prompt in prompts:
-        cmd += ["--prompt", prompt]
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    result: dict[str, Any] | None = None
-    deadline = time.monotonic() + timeout_s
-    with tempfile.TemporaryFile("w+") as stderr:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if time.monotonic() > deadline:
-                proc.kill()
-                break
-            record = _parse_line(line)
-            if record is None:
-                continue
-            if "progress" in record:
-                events("verify", "e2e", 0.5 + 0.5 * float(record["progress"]), str(record.get("message", "")))
-            elif "result" in record:
-                result = dict(record["result"])
-        try:
-            returncode = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            returncode = proc.wait()
-        stderr.seek(0)
-        errors = stderr.read()
-    if returncode == 0 and result is not None:
-        return result
-    last = next((ln.strip() for ln in reversed(errors.splitlines()) if ln.strip()), "no error output")
-    events("verify", "e2e_error", None, f"end-to-end comparison exited with code {returncode}", level="error",
-           output=errors[-20000:])  # fmt: skip
-    raise InfrastructureError(
-        f"The end-to-end verification process failed (exit code {returncode}: {clip_words(last, 300)}); "
-        f"its full output is in the job log (optjob logs JOB_NAME). Retry the job; if it fails the same way, "
-        f"report it with that log"
-    )
-
-
-def _parse_line(line: str) -> dict[str, Any] | None:
-    if not line.startswith("{"):
-        return None
-    try:
-        value = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
 def main(argv: list[str] | None = None) -> None:
+    from optjob.runtime.allocator import tune_allocator
+    from optjob.runtime.usage import PeakRss
     from optjob.verify.gate import thresholds_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -508,33 +430,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt", action="append", default=[])
     parser.add_argument("--max-tokens", type=int, default=128)
     args = parser.parse_args(argv)
+    tune_allocator()
     cfg = thresholds_config()
-    prompts = args.prompt or list(cfg["prompts"])
-    from optjob.runtime.allocator import tune_allocator
-
-    tune_allocator()  # freed layer buffers go back to the system, as in the workers
-    import compressed_tensors  # noqa: F401 - imported before the idle figure, like every library used
-    import transformers  # noqa: F401
-
-    idle = _rss_mib()
-
-    def progress(fraction: float, message: str) -> None:
-        sys.stdout.write(json.dumps({"progress": round(fraction, 4), "message": message}) + "\n")
-        sys.stdout.flush()
-
-    result = compare(
-        args.source,
-        args.output,
-        prompts,
-        max_tokens=args.max_tokens,
-        confident_margin=float(cfg["e2e"]["confident_margin"]),
-        token_ids=dict(cfg.get("token_ids", {})),
-        supported=list(cfg["e2e"]["architectures"]),
-        progress=progress,
-    )
-    peak = _peak_rss_mib()
-    result.update(peak_rss_mib=round(peak, 1), peak_rss_above_idle_mib=round(max(0.0, peak - idle), 1))
-    sys.stdout.write(json.dumps({"result": result}) + "\n")
+    with PeakRss() as memory:
+        result = compare(
+            args.source,
+            args.output,
+            args.prompt or list(cfg["prompts"]),
+            max_tokens=args.max_tokens,
+            confident_margin=float(cfg["e2e"]["confident_margin"]),
+            token_ids=dict(cfg.get("token_ids", {})),
+            supported=list(cfg["e2e"]["architectures"]),
+            progress=lambda fraction, message: print(f"{fraction:6.1%} {message}", file=sys.stderr),
+        )
+    result["peak_rss_above_start_mib"] = round(memory.above_start_mib, 1)
+    sys.stdout.write(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from optjob.config_files import load_config
-from optjob.errors import VerificationFailed, reason_sentence
+from optjob.errors import InfrastructureError, VerificationFailed, clip_words, reason_sentence
+from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import NULL_SINK, EventSink
 from optjob.verify.tensors import TensorFigures, compare_checkpoints
 
@@ -158,6 +159,52 @@ def _advice(scheme_key: str, limits: dict[str, Any]) -> str:
     return f"Choose a higher-precision scheme than {scheme_key} (or keep the failing layer in OPTION_IGNORE)"
 
 
+def _end_to_end(
+    source: Path, output: Path, cfg: dict[str, Any], events: EventSink, cancel: CancelToken | None
+) -> dict[str, Any]:
+    """The layer-by-layer comparison in this process, with progress, cancellation and its own peak
+    memory; a failure to read either checkpoint is a sentence for FailureReason, the traceback
+    goes to the job log."""
+    import traceback
+
+    from safetensors import SafetensorError
+
+    from optjob.runtime.usage import PeakRss
+    from optjob.verify.e2e import compare
+
+    def progress(fraction: float, message: str) -> None:
+        events("verify", "e2e", 0.5 + 0.5 * fraction, message)
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+
+    events("verify", "e2e", 0.5, "comparing source and output a decoder layer at a time")
+    e2e_cfg = cfg["e2e"]
+    try:
+        with PeakRss() as memory:
+            figures = compare(
+                source,
+                output,
+                list(cfg["prompts"]),
+                max_tokens=int(e2e_cfg.get("max_tokens", 128)),
+                confident_margin=float(e2e_cfg["confident_margin"]),
+                token_ids=dict(cfg.get("token_ids", {})),
+                supported=list(e2e_cfg["architectures"]),
+                progress=progress,
+            )
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        events("verify", "e2e_error", None, f"{type(exc).__name__}: {exc}", level="error",
+               traceback=traceback.format_exc())  # fmt: skip
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise InfrastructureError(
+            f"The end-to-end verification could not read the checkpoints ({type(exc).__name__}: "
+            f"{clip_words(first, 300)}); nothing was published. The traceback is in the job log (optjob logs); "
+            f"retry the job, and report it with that log if it fails the same way"
+        ) from exc
+    figures["peak_rss_above_start_mib"] = round(memory.above_start_mib, 1)
+    figures["rss_at_start_mib"] = round(memory.start_mib, 1)
+    return figures
+
+
 def run_gate(
     source: Path,
     output: Path,
@@ -166,6 +213,7 @@ def run_gate(
     events: EventSink = NULL_SINK,
     e2e: bool | None = None,
     per_tensor_figures: TensorFigures | None = None,
+    cancel: CancelToken | None = None,
 ) -> GateReport:
     """Verify ``output`` against ``source``; raises ``VerificationFailed`` below threshold.
 
@@ -183,17 +231,7 @@ def run_gate(
     run_e2e = cfg["e2e"].get("enabled", True) if e2e is None else e2e
     skipped = e2e_architecture_note(source) if run_e2e else "end-to-end check disabled"
     if skipped is None:
-        from optjob.verify.e2e import run_in_subprocess
-
-        events("verify", "e2e", 0.5, "comparing source and output layer by layer in a fresh process")
-        e2e_figures = run_in_subprocess(
-            source,
-            output,
-            list(cfg["prompts"]),
-            max_tokens=int(cfg["e2e"].get("max_tokens", 128)),
-            timeout_s=float(cfg["e2e"].get("timeout_s", 1800)),
-            events=events,
-        )
+        e2e_figures = _end_to_end(source, output, cfg, events, cancel)
         if e2e_figures.get("inputs_warning"):
             notes.append(f"end-to-end inputs: {e2e_figures['inputs_warning']}")
             events("verify", "tokenizer", None, e2e_figures["inputs_warning"], level="warning")

@@ -30,6 +30,7 @@ from optjob.pipeline.stage import (
     StreamingTechnique,
     register,
 )
+from optjob.runtime.usage import peak_rss_mib
 from optjob.targets.catalog import InstanceSpec
 from optjob.techniques.quantize import rules
 from optjob.techniques.quantize.params import QuantizationParams, parse_params
@@ -51,12 +52,6 @@ def resolve_engine(params: QuantizationParams) -> dict[str, Any]:
         key = params.fp8_scheme.lower()
     scheme["verify_key"] = key
     return scheme
-
-
-def _peak_rss_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 @register
@@ -220,7 +215,7 @@ class QuantizationTechnique(StreamingTechnique):
         try:
             report = run_gate(
                 src, out, scheme["verify_key"], events=ctx.events,
-                per_tensor_figures=shard_figures,
+                per_tensor_figures=shard_figures, cancel=ctx.cancel,
             )  # fmt: skip
         except VerificationFailed:
             rejected = Path(ctx.work_dir) / "rejected-output"
@@ -240,7 +235,7 @@ class QuantizationTechnique(StreamingTechnique):
             "memory_fit": fit.as_dict(),
             "engine_details": details,
             "timings": timings,
-            "peak_rss_mib": round(_peak_rss_mib(), 1),
+            "peak_rss_mib": round(peak_rss_mib(), 1),
         }
         Path(ctx.work_dir).mkdir(parents=True, exist_ok=True)
         (Path(ctx.work_dir) / "quantization-report.json").write_text(json.dumps(metrics, indent=2))
