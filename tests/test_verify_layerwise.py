@@ -154,9 +154,11 @@ def test_online_head_statistics_equal_the_whole_vocabulary_figures(block: int) -
 
 
 def test_identical_checkpoints_compare_as_identical(tiny: Path) -> None:
+    """Equal up to float rounding: the output side runs its inputs and the teacher-forced ones as one
+    batch, so its matrix products are blocked differently from the source side's."""
     figures = compare(tiny, tiny, ["Open the file and read it."], supported=SUPPORTED, confident_margin=0.25)
-    assert figures["mean_kl"] == 0.0 and figures["top1_agreement"] == 1.0
-    assert figures["max_layer_rel_error"] == 0.0 and figures["inputs"] == "tokenizer"
+    assert abs(figures["mean_kl"]) < 1e-9 and figures["top1_agreement"] == 1.0
+    assert figures["max_layer_rel_error"] < 1e-5 and figures["inputs"] == "tokenizer"
 
 
 @pytest.fixture(scope="module")

@@ -186,20 +186,23 @@ class LayerwiseRunner:
         layer.load_state_dict(side.state(prefix), strict=True, assign=True)
         handles = side.activation_quantizers(layer, prefix)
         try:
-            out = []
+            out: dict[int, torch.Tensor] = {}
+            by_length: dict[int, list[int]] = {}
+            for i, h in enumerate(hidden):
+                by_length.setdefault(h.shape[1], []).append(i)
             with torch.no_grad():
-                for h in hidden:
-                    positions = torch.arange(h.shape[1])[None]
-                    rotary = self.rotary(h, positions)
-                    out.append(
-                        layer(
-                            h,
-                            attention_mask=_causal_mask(h.shape[1]),
-                            position_ids=positions,
-                            position_embeddings=rotary,
-                        )  # fmt: skip
+                for length, members in by_length.items():  # inputs of one length run as one batch
+                    batch = torch.cat([hidden[i] for i in members])
+                    positions = torch.arange(length)[None]
+                    result = layer(
+                        batch,
+                        attention_mask=_causal_mask(length),
+                        position_ids=positions,
+                        position_embeddings=self.rotary(batch, positions),
                     )
-            return out
+                    for row, i in enumerate(members):
+                        out[i] = result[row : row + 1]
+            return [out[i] for i in range(len(hidden))]
         finally:
             for handle in handles:
                 handle.remove()
