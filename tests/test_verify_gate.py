@@ -266,3 +266,16 @@ def test_flat_distributions_are_not_judged_on_top1():
     assert failures == [] and any("top-1 agreement not judged" in n for n in notes)
     confident_and_wrong = {**e2e, "confident_positions": 100, "confident_top1_agreement": 0.6}
     assert any("top-1 agreement 0.600" in f for f in evaluate("fp8_dynamic", per_tensor, confident_and_wrong))
+
+
+def test_a_tensor_transformers_expects_but_the_output_lacks_fails_the_gate(tiny, fp8_out, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(fp8_out, bad)
+    tensors = load_file(bad / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight_scale"]
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(VerificationFailed, match=r"transformers finds 1 missing tensor\(s\) in the output: "
+                       r"model.layers.1.mlp.down_proj.weight_scale"):  # fmt: skip
+        run_gate(tiny, bad, "fp8_dynamic")

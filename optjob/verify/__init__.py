@@ -1,1 +1,1 @@
-"""Verification gate for optimized models: per-tensor (streamed) and end-to-end (fresh process)."""
+"""Verification gate for optimized models: per-tensor (streamed) and end-to-end (layer by layer)."""

@@ -1,8 +1,9 @@
 """The verification gate: nothing unverified is published.
 
 Two checks, thresholds per scheme from ``configs/verify.yaml``:
+0. transformers accepts the directory (``loadable``: ``from_pretrained`` on the meta device);
 1. per-tensor (always, streamed): dequantized weights vs source, relative error and cosine;
-2. end to end (layer by layer, any model size, in a fresh process): per-layer output error with
+2. end to end (layer by layer, any model size, in the worker): per-layer output error with
    the source's hidden states as input, then KL and top-1 agreement of the next-token
    distributions (top-1 judged only where the source is confident).
 
@@ -27,6 +28,7 @@ from optjob.config_files import load_config
 from optjob.errors import InfrastructureError, VerificationFailed, clip_words, reason_sentence
 from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import NULL_SINK, EventSink
+from optjob.verify.loadable import transformers_load_problems
 from optjob.verify.tensors import TensorFigures, compare_checkpoints
 
 
@@ -239,6 +241,9 @@ def run_gate(
         notes.append(skipped)
     failures, judged_notes = judge(scheme_key, per_tensor, e2e_figures)
     notes.extend(judged_notes)
+    load_problems, load_skipped = transformers_load_problems(output)
+    failures.extend(load_problems)
+    notes.extend([load_skipped] if load_skipped else [])
     report = GateReport(scheme_key, not failures, per_tensor, e2e_figures, limits, failures, notes)
     events("verify", "done", 1.0, "passed" if report.passed else "; ".join(failures), figures=report.as_dict())
     if failures:
