@@ -16,6 +16,13 @@ from typing import Any
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
+def remove_tokenizer_files(model_dir: Path) -> None:
+    """Make ``model_dir`` weights-only (how many fine-tunes are published): tests and benchmarks."""
+    for item in Path(model_dir).iterdir():
+        if item.name in TOKENIZER_FILES or item.name.startswith(("tokenizer", "special_tokens")):
+            item.unlink()
+
+
 @dataclass(frozen=True)
 class TokenizerLoad:
     tokenizer: Any | None

@@ -186,9 +186,9 @@ def write_synthetic_checkpoint(out: Path, a: SynthArch) -> dict[str, Any]:
     tokenizer = build_tokenizer(out, vocab=2048, texts=load_texts(None)[:400])
     (out / "config.json").write_text(json.dumps(_config(a, tokenizer), indent=2) + "\n")
     if not a.tokenizer:
-        for item in out.iterdir():
-            if item.name.startswith(("tokenizer", "special_tokens")):
-                item.unlink()
+        from optjob.model_tokenizer import remove_tokenizer_files
+
+        remove_tokenizer_files(out)
     (out / "generation_config.json").write_text(
         json.dumps(
             {

@@ -13,7 +13,6 @@ import signal
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel
 
 from optjob.errors import InfrastructureError, InputError, JobFailed, VerificationFailed
 from optjob.jobs.outcomes import (
@@ -28,10 +27,7 @@ from optjob.jobs.outcomes import (
 from optjob.pipeline.stage import StageContext, technique_for
 from optjob.targets.catalog import instance
 from optjob.testing import build_tiny_llama
-
-
-class _Config(BaseModel):
-    Image: str | None = None
+from tests.stage_support import run_quantization_stage
 
 
 def _formed(reason: str) -> str:
@@ -85,22 +81,12 @@ def test_clip_reason_drops_a_traceback_and_cuts_at_a_word_naming_the_log() -> No
 
 @pytest.fixture(scope="module")
 def weights_only(tmp_path_factory) -> Path:
-    model = build_tiny_llama(tmp_path_factory.mktemp("wo") / "m", train_steps=0)
-    for item in model.iterdir():
-        if item.name.startswith(("tokenizer", "special_tokens")):
-            item.unlink()
-    return model
+    return build_tiny_llama(tmp_path_factory.mktemp("wo") / "m", train_steps=0, tokenizer=False)
 
 
 def _run(model: Path, env: dict[str, str], tmp_path: Path) -> JobFailed:
-    tech = technique_for("ModelQuantizationConfig")
-    spec = instance("ml.g6.12xlarge")
-    stage = tech.plan(_Config(), env, spec, path="OptimizationConfigs[0]")
-    ctx = StageContext(
-        job_name="t", input_dir=model, output_dir=tmp_path / "out", work_dir=tmp_path / "work", target=spec
-    )
     with pytest.raises(JobFailed) as info:
-        tech.run(stage, ctx)
+        run_quantization_stage(model, env, tmp_path)
     return info.value
 
 

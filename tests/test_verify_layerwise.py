@@ -8,10 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pydantic import BaseModel
 
-from optjob.pipeline.stage import StageContext, technique_for
-from optjob.targets.catalog import instance
 from optjob.testing import build_tiny_llama
 from optjob.verify.e2e import (
     FigureSums,
@@ -23,12 +20,9 @@ from optjob.verify.e2e import (
     verification_inputs,
 )
 from optjob.verify.gate import thresholds_config
+from tests.stage_support import run_quantization_stage
 
 SUPPORTED = ["llama"]
-
-
-class _Config(BaseModel):
-    Image: str | None = None
 
 
 @pytest.fixture(scope="module")
@@ -164,11 +158,7 @@ def test_identical_checkpoints_compare_as_identical(tiny: Path) -> None:
 @pytest.fixture(scope="module")
 def weights_only(tmp_path_factory) -> Path:
     """config.json + safetensors shards, no tokenizer: how many fine-tunes are published."""
-    model = build_tiny_llama(tmp_path_factory.mktemp("wo") / "m", shards=3)
-    for item in model.iterdir():
-        if item.name.startswith(("tokenizer", "special_tokens")):
-            item.unlink()
-    return model
+    return build_tiny_llama(tmp_path_factory.mktemp("wo") / "m", shards=3, tokenizer=False)
 
 
 def test_without_a_tokenizer_seeded_token_ids_are_compared(weights_only: Path) -> None:
@@ -191,14 +181,8 @@ def test_an_unloadable_tokenizer_is_a_warning_not_a_failure(tiny: Path, tmp_path
 
 
 def _run_job_stage(model: Path, env: dict[str, str], tmp_path: Path) -> dict:
-    tech = technique_for("ModelQuantizationConfig")
-    spec = instance("ml.g6.12xlarge")
-    stage = tech.plan(_Config(), env, spec, path="OptimizationConfigs[0]")
-    ctx = StageContext(
-        job_name="t", input_dir=model, output_dir=tmp_path / "out", work_dir=tmp_path / "work", target=spec
-    )
-    result = tech.run(stage, ctx)
-    assert (ctx.output_dir / "config.json").is_file()
+    result = run_quantization_stage(model, env, tmp_path)
+    assert (tmp_path / "out" / "config.json").is_file()
     return result.metrics
 
 

@@ -204,6 +204,7 @@ def build_tiny_llama(
     shards: int = 1,
     train_steps: int = 150,
     dtype: str = "bfloat16",
+    tokenizer: bool = True,
 ) -> Path:
     """Write a small ``LlamaForCausalLM`` HF directory to ``dir`` and return its path.
 
@@ -211,7 +212,8 @@ def build_tiny_llama(
     many shards plus ``model.safetensors.index.json``), a byte-level BPE ``tokenizer.json`` with
     its config, and ``generation_config.json``. Linear dimensions default to multiples of 128 so
     group-128 int4 and 128x128 FP8 blocks apply to every layer. Built once per argument set,
-    then copied from the cache.
+    then copied from the cache. ``tokenizer=False`` leaves the tokenizer files out (a weights-only
+    checkpoint).
     """
     import tokenizers
     import torch
@@ -236,4 +238,8 @@ def build_tiny_llama(
     dest = Path(dir)
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copytree(cached, dest, dirs_exist_ok=True)
+    if not tokenizer:
+        from optjob.model_tokenizer import remove_tokenizer_files
+
+        remove_tokenizer_files(dest)
     return dest
