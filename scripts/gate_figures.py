@@ -3,12 +3,12 @@
 Why: a threshold is only right if every correct output passes it with room to spare and every
 corrupted one fails it, on a trained model (peaked next-token distributions) *and* an untrained one
 (nearly flat distributions, where top-1 flips on noise). This script quantizes the locally built
-tiny model, trained and untrained (and the reference model with ``--reference``), with each scheme
+tiny model, trained and untrained (and the reference model with ``--models ...,reference``), with each scheme
 through optjob's own engines, corrupts copies of some outputs the ways real bugs do (a scale off by
 2x, a zeroed weight, two weights swapped, NF4 saved after a forward), and prints the per-tensor and
 end-to-end figures, top-1 agreement at several confidence margins included.
 
-    .venv/bin/python scripts/gate_figures.py [--schemes fp8_dynamic,gptq] [--reference]
+    .venv/bin/python scripts/gate_figures.py [--schemes fp8_dynamic,gptq] [--models tiny,untrained,reference]
 
 Takes a few minutes on two cores; nothing here is a test (the tests assert the verdicts).
 """
@@ -118,17 +118,19 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--schemes", default=",".join(SCHEMES))
-    parser.add_argument("--reference", action="store_true", help="also the trained reference model (slow)")
+    parser.add_argument(
+        "--models",
+        default="tiny,untrained",
+        help="of tiny, untrained, reference (the trained reference model: ~13 min to build the first time)",
+    )
     opts = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="gate-figures-"))
-    models = {
-        "tiny": build_tiny_llama(tmp / "tiny"),
-        "untrained": build_tiny_llama(tmp / "untrained", train_steps=0, seed=1),
+    builders = {
+        "tiny": lambda: build_tiny_llama(tmp / "tiny"),
+        "untrained": lambda: build_tiny_llama(tmp / "untrained", train_steps=0, seed=1),
+        "reference": lambda: __import__("make_reference_model").build_reference_model().model_dir,
     }
-    if opts.reference:
-        import make_reference_model
-
-        models["reference"] = make_reference_model.build_reference_model().model_dir
+    models = {name: builders[name]() for name in opts.models.split(",")}
     rows = []
     try:
         for model_name, src in models.items():
