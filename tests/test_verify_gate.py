@@ -279,3 +279,23 @@ def test_a_tensor_transformers_expects_but_the_output_lacks_fails_the_gate(tiny,
     with pytest.raises(VerificationFailed, match=r"transformers finds 1 missing tensor\(s\) in the output: "
                        r"model.layers.1.mlp.down_proj.weight_scale"):  # fmt: skip
         run_gate(tiny, bad, "fp8_dynamic")
+
+
+@pytest.mark.parametrize("case", ["smoothed", "zeroed", "sign-flipped", "source row unused"])
+def test_channel_rescaled_comparison_removes_smoothing_but_not_corruption(case):
+    """A fit may scale rows and columns by positive factors (what smoothing does); scaling a
+    weight to zero or flipping it is not smoothing and must show."""
+    from optjob.verify import tensors as vt
+
+    gen = torch.Generator().manual_seed(0)
+    src = torch.randn(16, 32, generator=gen, dtype=torch.float64)
+    col = torch.rand(1, 32, generator=gen, dtype=torch.float64) + 0.5
+    out = {"smoothed": src * col, "zeroed": torch.zeros_like(src), "sign-flipped": -src * col}.get(case)
+    if case == "source row unused":
+        src[3] = 0.0
+        out = src * col
+    rel, _ = vt._compare_rescaled(out, src)
+    if case in ("zeroed", "sign-flipped"):
+        assert rel >= 1.0 > thresholds_for("smoothquant")["corruption"]["max_rel_error"]
+    else:
+        assert rel == pytest.approx(0.0, abs=1e-9)

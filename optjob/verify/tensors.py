@@ -292,7 +292,11 @@ def _compare_stored(output: CheckpointReader, source: CheckpointReader, name: st
 def _compare_rescaled(d: torch.Tensor, s: torch.Tensor) -> tuple[float, float]:
     """Alternating least squares for d ~ diag(r) @ s @ diag(c): smoothing scales input channels
     (folded into the previous norm) and output channels (of the previous linear). Linear weights
-    only, so whole-tensor float64 is affordable here."""
+    only, so whole-tensor float64 is affordable here.
+
+    Smoothing scales are positive. A fit that needs a zero or negative scale for a row or column
+    the source uses (a zeroed or sign-flipped weight, which scaling to zero would otherwise make
+    look perfect) is no smoothing: such a tensor is compared as it is."""
     r = torch.ones(s.shape[0], 1, dtype=s.dtype)
     c = torch.ones(1, s.shape[1], dtype=s.dtype)
     for _ in range(4):
@@ -300,6 +304,9 @@ def _compare_rescaled(d: torch.Tensor, s: torch.Tensor) -> tuple[float, float]:
         c = (d * rs).sum(0, keepdim=True) / (rs * rs).sum(0, keepdim=True).clamp_min(1e-30)
         sc = s * c
         r = (d * sc).sum(1, keepdim=True) / (sc * sc).sum(1, keepdim=True).clamp_min(1e-30)
+    used_rows, used_cols = (s * s).sum(1, keepdim=True) > 0, (s * s).sum(0, keepdim=True) > 0
+    if bool((r[used_rows] <= 0).any()) or bool((c[used_cols] <= 0).any()):
+        return _compare_direct(d, s)
     return _compare_direct(d, r * s * c)
 
 
