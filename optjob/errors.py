@@ -26,8 +26,8 @@ def clip_words(text: str, limit: int) -> str:
 def reason_sentence(main: str, *, detail: str = "", limit: int = MAX_REASON) -> str:
     """A FailureReason: ``main`` (what failed, what to do) whole, then as much of ``detail`` as fits.
 
-    The action must survive: when even ``main`` is too long, it is clipped at a word; callers put
-    the long, optional part (a list of figures) in ``detail``, which goes first.
+    The action must survive: callers put the long, optional part (a list of figures) in ``detail``,
+    which is what gets shortened or dropped; only a ``main`` longer than the limit is clipped, at a word.
     """
     main = " ".join(main.split())
     detail = " ".join(detail.split())

@@ -70,7 +70,7 @@ def died_reason(returncode: int | None, pid: int, *, last_output: str = "") -> s
     else:
         text = f"worker process (pid {pid}) exited with code {returncode} before it recorded a result"
     text += "; see `optjob logs` for its last progress, then create the job again"
-    if returncode is not None and returncode == -signal.SIGKILL:
+    if returncode == -signal.SIGKILL:
         text += " (on a host with more memory if it ran out)"
     if last_output:
         text += f". Last output: {clip_words(last_output, 300)}"
