@@ -23,6 +23,11 @@ def clip_words(text: str, limit: int) -> str:
     return f"{cut} ..."
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's first line, clipped at a word: what a one-line reason quotes of it."""
+    return clip_words((str(exc).strip().splitlines() or [""])[0], limit)
+
+
 def reason_sentence(main: str, *, detail: str = "", limit: int = MAX_REASON) -> str:
     """A FailureReason: ``main`` (what failed, what to do) whole, then as much of ``detail`` as fits.
 

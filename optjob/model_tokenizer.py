@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from optjob.errors import first_line
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
@@ -43,8 +45,9 @@ def load_tokenizer(model_dir: Path) -> TokenizerLoad:
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as exc:  # noqa: BLE001 - any loader failure means "no usable tokenizer"
-        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-        return TokenizerLoad(None, f"the model's tokenizer could not be loaded ({type(exc).__name__}: {first_line})")
+        return TokenizerLoad(
+            None, f"the model's tokenizer could not be loaded ({type(exc).__name__}: {first_line(exc)})"
+        )
     return TokenizerLoad(tokenizer, None)
 
 

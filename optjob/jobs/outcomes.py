@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import signal
 
-from optjob.errors import MAX_REASON, clip_words
+from optjob.errors import MAX_REASON, clip_words, first_line
 from optjob.jobs.logs import JobLog
 from optjob.jobs.store import ACTIVE_STATUSES, Store
 
@@ -86,10 +86,9 @@ def interrupted_reason() -> str:
 
 def internal_error_reason(exc: BaseException, *, job: str | None = None) -> str:
     """A bug's FailureReason: the exception's first line, and where its traceback is."""
-    first = (str(exc).strip().splitlines() or [""])[0]
     where = f"optjob logs {job}" if job else "the worker's log"
     return (
-        f"internal error: {type(exc).__name__}: {clip_words(first, 400)}. This is a bug in optjob, not in the "
+        f"internal error: {type(exc).__name__}: {first_line(exc, 400)}. This is a bug in optjob, not in the "
         f"request: the traceback is in the job log ({where}); report it with that log, then retry the job."
     )
 

@@ -82,13 +82,13 @@ class _Checkpoint:
     def __init__(self, model_dir: Path, stack: ExitStack) -> None:
         from optjob.verify.tensors import CheckpointReader, WeightDecoder, ct_scheme
 
-        self.dir = model_dir
         self.reader = CheckpointReader(model_dir, stack)
         config = json.loads((model_dir / "config.json").read_text())
         self.qconfig: dict[str, Any] | None = config.get("quantization_config")
         self.decoder = WeightDecoder(self.reader, self.qconfig)
         scheme = ct_scheme(self.qconfig) if self.decoder.method == "compressed-tensors" else None
         self.input_args = getattr(scheme, "input_activations", None)
+        self._decoded: dict[str, torch.Tensor] = {}  # a quantized embedding or LM head, read by rows
 
     def has(self, name: str) -> bool:
         return name in self.reader.map
@@ -129,9 +129,13 @@ class _Checkpoint:
         return handles
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows of a tensor in float32: read from the file, or, for a quantized module, sliced from
+        its weight decoded once (a quantized format cannot be read a row at a time)."""
         module = name.rpartition(".")[0]
         if self.decoder.is_quantized(module):
-            return self.decoder.decode(module).float()[start:stop]
+            if module not in self._decoded:
+                self._decoded[module] = self.decoder.decode(module).float()
+            return self._decoded[module][start:stop]
         return self.reader.slice(name)[start:stop].float()
 
     def embed(self, name: str, ids: list[int]) -> torch.Tensor:
@@ -168,7 +172,6 @@ class LayerwiseRunner:
             raise UnsupportedArchitecture(
                 f"layer-by-layer comparison supports {', '.join(supported)}; this model is {model_type!r}"
             )
-        self.config = config
         self.model = _skeleton(config)
         base = self.model.model
         self.layers = base.layers
@@ -391,7 +394,7 @@ def compare(
     max_tokens: int = 128,
     confident_margin: float = 1.0,
     token_ids: dict[str, Any] | None = None,
-    supported: list[str] | None = None,
+    supported: list[str],
     progress: Callable[[float, str], None] | None = None,
 ) -> dict[str, Any]:
     """Figures of ``output`` against ``source``, computed layer by layer in this process.
@@ -401,7 +404,7 @@ def compare(
     started = time.monotonic()
     inputs = verification_inputs(source, prompts, max_tokens=max_tokens, token_ids=token_ids or {})
     sums = FigureSums((confident_margin,))
-    stats, errors = replay(source, output, inputs, supported=supported or _supported_default(), progress=progress)
+    stats, errors = replay(source, output, inputs, supported=supported, progress=progress)
     sums.add(stats)
     figures = sums.result(confident_margin)
     worst = max(range(len(errors)), key=errors.__getitem__, default=None)
@@ -416,10 +419,27 @@ def compare(
     return figures
 
 
-def _supported_default() -> list[str]:
-    from optjob.verify.gate import thresholds_config
-
-    return list(thresholds_config()["e2e"]["architectures"])
+def compare_as_configured(
+    source: Path,
+    output: Path,
+    cfg: dict[str, Any],
+    *,
+    prompts: list[str] | None = None,
+    max_tokens: int | None = None,
+    progress: Callable[[float, str], None] | None = None,
+) -> dict[str, Any]:
+    """``compare`` with the settings of ``configs/verify.yaml`` (``cfg``), as the gate runs it."""
+    e2e = cfg["e2e"]
+    return compare(
+        source,
+        output,
+        prompts or list(cfg["prompts"]),
+        max_tokens=max_tokens or int(e2e.get("max_tokens", 128)),
+        confident_margin=float(e2e["confident_margin"]),
+        token_ids=dict(cfg.get("token_ids", {})),
+        supported=list(e2e["architectures"]),
+        progress=progress,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -431,19 +451,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("source", type=Path)
     parser.add_argument("output", type=Path)
     parser.add_argument("--prompt", action="append", default=[])
-    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=None)
     args = parser.parse_args(argv)
     tune_allocator()
-    cfg = thresholds_config()
     with PeakRss() as memory:
-        result = compare(
+        result = compare_as_configured(
             args.source,
             args.output,
-            args.prompt or list(cfg["prompts"]),
+            thresholds_config(),
+            prompts=args.prompt,
             max_tokens=args.max_tokens,
-            confident_margin=float(cfg["e2e"]["confident_margin"]),
-            token_ids=dict(cfg.get("token_ids", {})),
-            supported=list(cfg["e2e"]["architectures"]),
             progress=lambda fraction, message: print(f"{fraction:6.1%} {message}", file=sys.stderr),
         )
     result["peak_rss_above_start_mib"] = round(memory.above_start_mib, 1)

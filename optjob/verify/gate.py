@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from optjob.config_files import load_config
-from optjob.errors import InfrastructureError, VerificationFailed, clip_words, reason_sentence
+from optjob.errors import InfrastructureError, VerificationFailed, first_line, reason_sentence
 from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import NULL_SINK, EventSink
 from optjob.verify.loadable import transformers_load_problems
@@ -172,7 +172,7 @@ def _end_to_end(
     from safetensors import SafetensorError
 
     from optjob.runtime.usage import PeakRss
-    from optjob.verify.e2e import compare
+    from optjob.verify.e2e import compare_as_configured
 
     def progress(fraction: float, message: str) -> None:
         events("verify", "e2e", 0.5 + 0.5 * fraction, message)
@@ -180,26 +180,15 @@ def _end_to_end(
             cancel.raise_if_cancelled()
 
     events("verify", "e2e", 0.5, "comparing source and output a decoder layer at a time")
-    e2e_cfg = cfg["e2e"]
     try:
         with PeakRss() as memory:
-            figures = compare(
-                source,
-                output,
-                list(cfg["prompts"]),
-                max_tokens=int(e2e_cfg.get("max_tokens", 128)),
-                confident_margin=float(e2e_cfg["confident_margin"]),
-                token_ids=dict(cfg.get("token_ids", {})),
-                supported=list(e2e_cfg["architectures"]),
-                progress=progress,
-            )
+            figures = compare_as_configured(source, output, cfg, progress=progress)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         events("verify", "e2e_error", None, f"{type(exc).__name__}: {exc}", level="error",
                traceback=traceback.format_exc())  # fmt: skip
-        first = (str(exc).strip().splitlines() or [""])[0]
         raise InfrastructureError(
             f"The end-to-end verification could not read the checkpoints ({type(exc).__name__}: "
-            f"{clip_words(first, 300)}); nothing was published. The traceback is in the job log (optjob logs); "
+            f"{first_line(exc)}); nothing was published. The traceback is in the job log (optjob logs); "
             f"retry the job, and report it with that log if it fails the same way"
         ) from exc
     figures["peak_rss_above_start_mib"] = round(memory.above_start_mib, 1)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from optjob.errors import first_line
+
 
 def transformers_load_problems(output: Path) -> tuple[list[str], str | None]:
     """``(problems, skipped)``: what keeps transformers from loading ``output``, or why not checked."""
@@ -25,8 +27,7 @@ def transformers_load_problems(output: Path) -> tuple[list[str], str | None]:
     try:
         _, info = AutoModelForCausalLM.from_pretrained(output, device_map="meta", output_loading_info=True)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        return [f"transformers cannot load the output ({type(exc).__name__}: {first})"], None
+        return [f"transformers cannot load the output ({type(exc).__name__}: {first_line(exc)})"], None
     problems = []
     for key, what in (
         ("missing_keys", "missing"),
