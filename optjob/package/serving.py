@@ -8,7 +8,7 @@ container serves the directory it is in; reference 4.3 and 6.3).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
@@ -38,15 +38,16 @@ def properties_from_env(env: Mapping[str, str]) -> dict[str, str]:
     return props
 
 
-def render(properties: Mapping[str, str]) -> str:
-    lines = [f"{k}={v}" for k, v in sorted(properties.items()) if k not in EXCLUDED]
+def render(properties: Mapping[str, str], comments: Sequence[str] = ()) -> str:
+    lines = [f"# {line}" for line in comments]
+    lines += [f"{k}={v}" for k, v in sorted(properties.items()) if k not in EXCLUDED]
     return "\n".join(lines) + "\n"
 
 
-def write_serving_properties(out_dir: Path, properties: Mapping[str, str]) -> Path:
-    """Write ``out_dir/serving.properties`` (sorted, ``option.model_id`` dropped)."""
+def write_serving_properties(out_dir: Path, properties: Mapping[str, str], comments: Sequence[str] = ()) -> Path:
+    """Write ``out_dir/serving.properties`` (sorted, ``option.model_id`` dropped), ``comments`` on top."""
     path = out_dir / "serving.properties"
-    path.write_text(render(properties), encoding="utf-8")
+    path.write_text(render(properties, comments), encoding="utf-8")
     return path
 
 

@@ -1,0 +1,334 @@
+"""vLLM's per-rank tensors for one model and degree, from ``config.json`` and ``configs/sharding.yaml``.
+
+vLLM itself does not notice a wrong layout (it copies what fits and serves nonsense), so every
+rule lives in one place, as data, and this module only interprets it: which tensors each rank
+holds, in vLLM's ``state_dict`` order, how each piece is cut from the source tensors
+(``pieces``), and how the pieces go back together (``reassemble``, used by the gate). The two
+directions are written independently so that the gate can catch a slip in either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from optjob.config_files import load_config
+from optjob.errors import InputError
+
+SPLITS = ("vocab", "qkv", "merged", "columns", "replicate", "buffer")
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@cache
+def rules() -> dict[str, Any]:
+    return load_config("sharding.yaml")
+
+
+def vllm_version() -> str:
+    return str(rules()["vllm"]["version"])
+
+
+def file_name(rank: int, part: int) -> str:
+    return str(rules()["vllm"]["file_pattern"]).format(rank=rank, part=part)
+
+
+def supported_architectures() -> list[str]:
+    return sorted(rules()["architectures"])
+
+
+class Geometry(BaseModel):
+    """What of ``config.json`` decides the per-rank layout."""
+
+    model_config = ConfigDict(frozen=True)
+
+    architecture: str
+    layout: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    dtype: str  # bf16 | fp16, what the per-rank files hold
+    flags: dict[str, bool]
+
+    @property
+    def padded_vocab(self) -> int:
+        pad = int(rules()["vllm"]["vocab_padding"])
+        return -(-self.vocab // pad) * pad
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _TORCH_DTYPES[self.dtype]
+
+
+def geometry(config: Mapping[str, Any], *, dtype: str | None = None) -> Geometry:
+    """The geometry of a model, or InputError naming what makes it unshardable and the fix.
+
+    ``dtype`` (OPTION_DTYPE: bf16 | fp16) overrides the checkpoint's own dtype, which must
+    otherwise be one vLLM serves as is.
+    """
+    archs = config.get("architectures") or []
+    arch = archs[0] if archs else "(none: config.json has no 'architectures')"
+    layout = rules()["architectures"].get(arch)
+    if layout is None:
+        raise InputError(
+            f"ModelShardingConfig supports the architectures {', '.join(supported_architectures())}; this model "
+            f"is {arch}. Shard a model of a supported architecture, or serve this one without pre-sharding"
+        )
+    quant = config.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "unknown") if isinstance(quant, Mapping) else "unknown"
+        raise InputError(
+            f"the model is quantized ({method}); ModelShardingConfig shards bf16/fp16 checkpoints only, because a "
+            "quantized model's per-rank layout is repacked by vLLM's kernels on the target GPU. Shard the "
+            "unquantized model, or serve the quantized one with vLLM's default loader"
+        )
+    source_dtype = str(config.get("dtype") or config.get("torch_dtype") or "")
+    resolved = dtype or rules()["dtypes"].get(source_dtype)
+    if resolved not in _TORCH_DTYPES:
+        raise InputError(
+            f"the model's dtype is {source_dtype or 'not recorded in config.json'}; sharded_state files are served "
+            "as stored, so they must be bf16 or fp16. Set OPTION_DTYPE=bf16 (or fp16) to convert while sharding"
+        )
+    heads = int(config["num_attention_heads"])
+    hidden = int(config["hidden_size"])
+    flags = {
+        "attention_bias": bool(config.get("attention_bias") or config.get("bias")),
+        "mlp_bias": bool(config.get("mlp_bias")),
+        "qk_norm": bool(config.get("qk_norm")),
+    }
+    if "qkv_bias" in config:  # vLLM's Llama: qkv_bias overrides attention_bias for q/k/v only
+        flags["attention_bias"] = bool(config["qkv_bias"])
+    return Geometry(
+        architecture=arch,
+        layout=layout,
+        layers=int(config["num_hidden_layers"]),
+        hidden=hidden,
+        heads=heads,
+        kv_heads=int(config.get("num_key_value_heads") or heads),
+        head_dim=int(config.get("head_dim") or hidden // heads),
+        intermediate=int(config["intermediate_size"]),
+        vocab=int(config["vocab_size"]),
+        tied=bool(config.get("tie_word_embeddings", False)),
+        dtype=resolved,
+        flags=flags,
+    )
+
+
+def degree_problems(geo: Geometry, degree: int) -> list[str]:
+    """vLLM's divisibility rules for tensor parallelism, each naming the numbers that break it."""
+    problems = []
+    if geo.heads % degree:
+        problems.append(f"num_attention_heads={geo.heads} is not divisible by OPTION_TENSOR_PARALLEL_DEGREE={degree}")
+    if geo.kv_heads >= degree and geo.kv_heads % degree:
+        problems.append(f"num_key_value_heads={geo.kv_heads} is not divisible by the degree {degree}")
+    if geo.kv_heads < degree and degree % geo.kv_heads:
+        problems.append(
+            f"the degree {degree} is not a multiple of num_key_value_heads={geo.kv_heads} (KV heads are "
+            "replicated only when the degree is a multiple of them)"
+        )
+    if geo.intermediate % degree:
+        problems.append(f"intermediate_size={geo.intermediate} is not divisible by the degree {degree}")
+    if geo.padded_vocab % degree:
+        problems.append(f"vocab_size={geo.vocab} padded to {geo.padded_vocab} is not divisible by the degree {degree}")
+    return problems
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor every rank holds: vLLM's name, how it is cut, and the source tensors it comes from."""
+
+    name: str
+    split: str
+    sources: tuple[str, ...] = ()
+
+
+def entries(geo: Geometry) -> list[Entry]:
+    """vLLM's per-rank tensors in ``state_dict`` order (which decides how they fall into parts)."""
+    layout = rules()["layouts"][geo.layout]
+    buffers = rules()["vllm"]["attention_buffers"]
+
+    def expand(items: list[dict[str, Any]], layer: str | None) -> Iterator[Entry]:
+        for item in items:
+            if "buffers" in item:
+                module = item["buffers"].format(layer=layer)
+                yield from (Entry(f"{module}.{buf}", "buffer") for buf in buffers)
+                continue
+            if item.get("when") and not geo.flags.get(item["when"], False):
+                continue
+            split = item["split"]
+            if split not in SPLITS:
+                raise ValueError(f"configs/sharding.yaml: unknown split {split!r} for {item['name']}")
+            yield Entry(item["name"].format(layer=layer), split, tuple(s.format(layer=layer) for s in item["from"]))
+
+    out = list(expand(layout["head"], None))
+    for index in range(geo.layers):
+        out.extend(expand(layout["layer"], f"model.layers.{index}"))
+    out.extend(expand(layout["tail"], None))
+    if geo.tied:
+        tied = layout["tied"]
+        out = [e for e in out if e.name != tied["keep"]]
+        out = [Entry(tied["keep"], e.split, (tied["from"],)) if e.name == tied["drop"] else e for e in out]
+    return out
+
+
+class SourceAccess:
+    """How a splitter reads source tensors: whole, or a range of rows (first dimension)."""
+
+    def __init__(
+        self,
+        shape: Callable[[str], list[int]],
+        rows: Callable[[str, int, int], torch.Tensor],
+        whole: Callable[[str], torch.Tensor],
+    ) -> None:
+        self.shape, self.rows, self.whole = shape, rows, whole
+
+
+class Splitter:
+    """Cuts each entry into its per-rank pieces, reading no more of the source than a rank needs."""
+
+    def __init__(self, geo: Geometry, degree: int, source: SourceAccess) -> None:
+        self.geo, self.degree, self.src = geo, degree, source
+
+    def pieces(self, entry: Entry) -> Iterator[torch.Tensor]:
+        """The entry's piece for rank 0, 1, ... in turn, in the output dtype."""
+        self._check_shapes(entry)
+        whole = self.src.whole(entry.sources[0]) if entry.split in ("columns", "replicate") else None
+        for rank in range(self.degree):
+            if entry.split == "buffer":
+                yield torch.tensor(1.0, dtype=torch.float32)
+                continue
+            if whole is not None and entry.split == "replicate":
+                piece = whole
+            elif whole is not None:  # columns: vLLM's RowParallelLinear splits the input dimension
+                per = whole.shape[1] // self.degree
+                piece = whole[:, rank * per : (rank + 1) * per]
+            else:
+                piece = getattr(self, f"_{entry.split}")(entry, rank)
+            yield piece.to(self.geo.torch_dtype).contiguous()
+
+    def _check_shapes(self, entry: Entry) -> None:
+        geo = self.geo
+        expected: dict[str, list[int]] = {}
+        if entry.split == "vocab":
+            expected[entry.sources[0]] = [geo.vocab, geo.hidden]
+        elif entry.split == "qkv":
+            q, k, v = entry.sources
+            tail = [geo.hidden] if q.endswith("weight") else []
+            expected = {q: [geo.heads * geo.head_dim, *tail], k: [geo.kv_heads * geo.head_dim, *tail]}
+            expected[v] = expected[k]
+        for name, shape in expected.items():
+            actual = self.src.shape(name)
+            if actual != shape:
+                raise InputError(
+                    f"{name} has shape {actual}, but config.json implies {shape} (vocab_size, hidden_size, heads "
+                    "and head_dim); the checkpoint and its config.json disagree. Fix config.json or re-export the model"
+                )
+
+    def _vocab(self, entry: Entry, rank: int) -> torch.Tensor:
+        per = self.geo.padded_vocab // self.degree
+        start = rank * per
+        stop = min(start + per, self.geo.vocab)
+        piece = torch.zeros(per, self.geo.hidden, dtype=self.geo.torch_dtype)
+        if stop > start:
+            piece[: stop - start] = self.src.rows(entry.sources[0], start, stop)
+        return piece
+
+    def _kv_rows(self, rank: int) -> tuple[int, int]:
+        geo, degree = self.geo, self.degree
+        if geo.kv_heads >= degree:
+            per = geo.kv_heads * geo.head_dim // degree
+            return rank * per, (rank + 1) * per
+        head = rank // (degree // geo.kv_heads)  # replicated: ranks share a KV head in blocks
+        return head * geo.head_dim, (head + 1) * geo.head_dim
+
+    def _qkv(self, entry: Entry, rank: int) -> torch.Tensor:
+        q, k, v = entry.sources
+        per_q = self.geo.heads * self.geo.head_dim // self.degree
+        kv_start, kv_stop = self._kv_rows(rank)
+        return torch.cat(
+            [
+                self.src.rows(q, rank * per_q, (rank + 1) * per_q),
+                self.src.rows(k, kv_start, kv_stop),
+                self.src.rows(v, kv_start, kv_stop),
+            ]
+        )
+
+    def _merged(self, entry: Entry, rank: int) -> torch.Tensor:
+        parts = []
+        for name in entry.sources:
+            per = self.src.shape(name)[0] // self.degree
+            parts.append(self.src.rows(name, rank * per, (rank + 1) * per))
+        return torch.cat(parts)
+
+
+def reassemble(geo: Geometry, degree: int, entry: Entry, pieces: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The source tensors an entry's per-rank pieces stand for (the inverse of ``Splitter``).
+
+    Raises ValueError when the pieces are not a consistent layout: padding rows that are not
+    zero, KV replicas that differ, buffers that are not vLLM's defaults, pieces of the wrong size.
+    """
+    if len(pieces) != degree:
+        raise ValueError(f"{entry.name}: {len(pieces)} pieces for {degree} ranks")
+    shapes = {tuple(p.shape) for p in pieces}
+    if len(shapes) != 1:
+        raise ValueError(f"{entry.name}: ranks hold different shapes {sorted(shapes)}")
+    if entry.split == "buffer":
+        if any(p.dtype != torch.float32 or p.shape != () or p.item() != 1.0 for p in pieces):
+            raise ValueError(f"{entry.name}: not vLLM's default scale (fp32 scalar 1.0)")
+        return {}
+    if entry.split == "replicate":
+        if any(not same_bits(pieces[0], p) for p in pieces[1:]):
+            raise ValueError(f"{entry.name}: replicas differ between ranks")
+        return {entry.sources[0]: pieces[0]}
+    if entry.split == "columns":
+        return {entry.sources[0]: torch.cat(pieces, dim=1)}
+    if entry.split == "vocab":
+        full = torch.cat(pieces)
+        if full.shape[0] != geo.padded_vocab:
+            raise ValueError(f"{entry.name}: {full.shape[0]} rows, vLLM pads {geo.vocab} to {geo.padded_vocab}")
+        if full[geo.vocab :].count_nonzero():
+            raise ValueError(f"{entry.name}: vocabulary padding rows are not zero")
+        return {entry.sources[0]: full[: geo.vocab]}
+    if entry.split == "merged":
+        halves = [p.chunk(len(entry.sources)) for p in pieces]
+        return {name: torch.cat([h[i] for h in halves]) for i, name in enumerate(entry.sources)}
+    if entry.split == "qkv":
+        return _reassemble_qkv(geo, degree, entry, pieces)
+    raise ValueError(f"{entry.name}: unknown split {entry.split}")
+
+
+def _reassemble_qkv(geo: Geometry, degree: int, entry: Entry, pieces: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    q_rows = geo.heads * geo.head_dim // degree
+    kv_local = max(1, geo.kv_heads // degree) * geo.head_dim
+    if pieces[0].shape[0] != q_rows + 2 * kv_local:
+        raise ValueError(f"{entry.name}: {pieces[0].shape[0]} rows per rank, expected {q_rows} + 2 x {kv_local}")
+    qs, ks, vs = zip(*(p.split([q_rows, kv_local, kv_local]) for p in pieces), strict=True)
+    q_name, k_name, v_name = entry.sources
+    if geo.kv_heads >= degree:
+        return {q_name: torch.cat(qs), k_name: torch.cat(ks), v_name: torch.cat(vs)}
+    group = degree // geo.kv_heads  # ranks r*group .. r*group+group-1 hold KV head r
+    for rank in range(degree):
+        first = rank - rank % group
+        if not (same_bits(ks[rank], ks[first]) and same_bits(vs[rank], vs[first])):
+            raise ValueError(f"{entry.name}: rank {rank}'s KV head differs from rank {first}'s replica")
+    return {
+        q_name: torch.cat(qs),
+        k_name: torch.cat(ks[::group]),
+        v_name: torch.cat(vs[::group]),
+    }
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and bytes (NaN-safe, and -0.0 is not 0.0)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))

@@ -1,0 +1,163 @@
+"""Streams a checkpoint into vLLM ``sharded_state`` part files, one tensor at a time.
+
+Source shards are opened as they arrive (a downloader may still be fetching later ones); each of
+vLLM's tensors is cut into its per-rank pieces, reading only the rows a rank needs where the split
+allows it, and appended to that rank's open part file. A part closes, exactly where vLLM's own
+``ShardedStateLoader.save_model`` would close it, before the tensor that would take it past the
+part size; the closed parts of every rank are handed to the gate and then to the uploader while
+the next part is written. Memory is one source tensor and its pieces, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from optjob.errors import InputError
+from optjob.pipeline.cancel import CancelToken
+from optjob.pipeline.events import NULL_SINK, EventSink
+from optjob.storage.safetensors_io import ShardReader, ShardWriter
+from optjob.techniques.shard.layout import Entry, Geometry, SourceAccess, Splitter, entries, file_name
+
+# Source tensors vLLM's loaders skip rather than refuse (rotary caches some exporters save).
+_IGNORED_SOURCE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+class SourceTensors:
+    """The checkpoint's tensors by name, across shards that are opened as they arrive."""
+
+    def __init__(self, shards: Iterable[Path]) -> None:
+        self._pending: Iterator[Path] = iter(shards)
+        self._readers: list[ShardReader] = []
+        self._where: dict[str, ShardReader] = {}
+        self.used: set[str] = set()
+
+    def _reader(self, name: str) -> ShardReader:
+        while name not in self._where:
+            path = next(self._pending, None)
+            if path is None:
+                raise InputError(
+                    f"the checkpoint has no tensor {name}, which vLLM's model holds; re-export the model with "
+                    "all its weights (or check that config.json matches the checkpoint)"
+                )
+            reader = ShardReader(path)
+            self._readers.append(reader)
+            for tensor in reader.names():
+                self._where.setdefault(tensor, reader)
+        self.used.add(name)
+        return self._where[name]
+
+    def shape(self, name: str) -> list[int]:
+        return self._reader(name).shape(name)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._reader(name).read_rows(name, start, stop)
+
+    def whole(self, name: str) -> torch.Tensor:
+        return self._reader(name).read(name)
+
+    def access(self) -> SourceAccess:
+        return SourceAccess(self.shape, self.rows, self.whole)
+
+    def unused(self, geo: Geometry) -> list[str]:
+        """Source tensors vLLM's model has no place for (after every shard has been opened)."""
+        for path in self._pending:
+            self._readers.append(reader := ShardReader(path))
+            for tensor in reader.names():
+                self._where.setdefault(tensor, reader)
+        left = sorted(set(self._where) - self.used)
+        if geo.tied:  # vLLM ties the LM head to the embedding and skips a stored copy
+            left = [name for name in left if name != "lm_head.weight"]
+        return [name for name in left if not _IGNORED_SOURCE.search(name)]
+
+    def close(self) -> None:
+        for reader in self._readers:
+            reader.close()
+
+
+@dataclass
+class Part:
+    """One part number's files, one per rank, with the entries they hold (in order)."""
+
+    number: int
+    paths: list[Path]
+    entries: list[Entry]
+    bytes_per_rank: int
+
+
+@dataclass
+class WriteReport:
+    parts: list[Part] = field(default_factory=list)
+    tensors_per_rank: int = 0
+    bytes_per_rank: int = 0
+
+
+def _reserve(names: list[str]) -> int:
+    """Header room for a part: every name plus its dtype, shape and offsets (rarely exceeded; the
+    writer rewrites the file once if it is)."""
+    size = 256 + sum(len(name) + 96 for name in names)
+    return size + (-size % 8)
+
+
+def write_parts(
+    source: SourceTensors,
+    geo: Geometry,
+    degree: int,
+    out_dir: Path,
+    *,
+    part_max_bytes: int,
+    on_part: Callable[[Part], None],
+    cancel: CancelToken | None = None,
+    events: EventSink = NULL_SINK,
+) -> WriteReport:
+    """Write every rank's part files into ``out_dir``; ``on_part`` gets each part as it closes."""
+    plan = entries(geo)
+    splitter = Splitter(geo, degree, source.access())
+    reserve = _reserve([entry.name for entry in plan])
+    report = WriteReport(tensors_per_rank=len(plan))
+    number, part_bytes, group = 0, 0, []
+    writers: list[ShardWriter] = []
+
+    def open_part() -> None:
+        writers[:] = [ShardWriter(out_dir / file_name(rank, number), reserve=reserve) for rank in range(degree)]
+
+    def close_part() -> None:
+        nonlocal number, part_bytes, group
+        paths = [writer.close() for writer in writers]
+        writers.clear()
+        part = Part(number, paths, group, part_bytes)
+        report.parts.append(part)
+        on_part(part)
+        number, part_bytes, group = number + 1, 0, []
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    open_part()
+    try:
+        for index, entry in enumerate(plan):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            for rank, piece in enumerate(splitter.pieces(entry)):
+                if rank == 0:
+                    size = piece.numel() * piece.element_size()
+                    if part_bytes + size > part_max_bytes:  # vLLM's rule, even for an empty part
+                        close_part()
+                        open_part()
+                    part_bytes += size
+                    report.bytes_per_rank += size
+                    group.append(entry)
+                writers[rank].add(entry.name, piece)
+            if entry.name.endswith("post_attention_layernorm.weight") or index == len(plan) - 1:
+                events("shard", "tensor", (index + 1) / len(plan),
+                       f"{index + 1}/{len(plan)} tensors written for each of {degree} ranks",
+                       tensors_done=index + 1, tensors_total=len(plan))  # fmt: skip
+        if group:
+            close_part()
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+    return report
