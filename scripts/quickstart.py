@@ -5,7 +5,9 @@
 3. validates configs/examples/fp8-g6-12xlarge.json and prints its plan;
 4. runs it with `optjob run` (SQLite store and logs under .optjob-quickstart/), which downloads the
    model, quantizes it to FP8 shard by shard, verifies it and publishes it;
-5. prints the DescribeOptimizationJob response and the published files, then stops the server.
+5. prints the DescribeOptimizationJob response and the published files;
+6. shards the same model for vLLM at tensor parallel degree 2 (configs/examples/shard-tp2-g6-12xlarge.json)
+   and prints the per-rank files and the sharding gate's figures, then stops the server.
 
 Everything goes through the same commands a user runs; the AWS settings are the standard variables.
 """
@@ -26,6 +28,7 @@ from optjob.testing.local_s3 import run_weed_mini, upload_dir  # noqa: E402
 from optjob.testing.tiny_model import build_tiny_llama  # noqa: E402
 
 EXAMPLE = ROOT / "configs" / "examples" / "fp8-g6-12xlarge.json"
+SHARD_EXAMPLE = ROOT / "configs" / "examples" / "shard-tp2-g6-12xlarge.json"
 WORK = ROOT / ".optjob-quickstart"
 
 
@@ -97,7 +100,33 @@ def main() -> int:
         )
         for note in verification.get("notes", []):
             print(f"  note: {note}")
-    return run.returncode
+
+        banner(f"sharding the same model for vLLM tensor parallelism: {SHARD_EXAMPLE.relative_to(ROOT)}")
+        shard = json.loads(SHARD_EXAMPLE.read_text())
+        shard["OptimizationJobName"] = f"quickstart-shard-{time.strftime('%Y%m%d-%H%M%S')}"
+        shard["OutputConfig"]["S3OutputLocation"] = f"s3://optjob-output/{shard['OptimizationJobName']}/"
+        shard_path = WORK / "shard-spec.json"
+        shard_path.write_text(json.dumps(shard, indent=2))
+        started = time.monotonic()
+        sharded = optjob("run", str(shard_path), env=env, check=False)
+        print(f"job finished in {time.monotonic() - started:.1f} s with exit status {sharded.returncode}")
+        prefix = shard["OptimizationJobName"] + "/"
+        listing = client.list_objects_v2(Bucket="optjob-output", Prefix=prefix).get("Contents", [])
+        for item in listing:
+            print(f"{item['Size']:>12,d}  {item['Key'][len(prefix) :]}")
+        if sharded.returncode == 0:
+            manifest = json.loads(
+                client.get_object(Bucket="optjob-output", Key=prefix + "optjob-manifest.json")["Body"].read()
+            )
+            figures = manifest["metrics"]["1:Sharding"]
+            print(
+                f"\nvLLM {figures['vllm_layout_version']} layout, TP {figures['tensor_parallel_degree']}: "
+                f"{figures['tensors_per_rank']} tensors per rank, vocabulary {figures['vocab_size']} padded to "
+                f"{figures['padded_vocab_size']}; gate: {json.dumps(figures['gate'])}"
+            )
+            print("serve with: vllm serve DIR --load-format sharded_state --tensor-parallel-size "
+                  f"{figures['tensor_parallel_degree']}")  # fmt: skip
+    return run.returncode or sharded.returncode
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from optjob.api.errors import parse
 from optjob.api.shapes import CreateOptimizationJobRequest
 from optjob.cli.validate import read_spec
-from optjob.errors import InputError, JobCancelled
+from optjob.errors import InputError, JobCancelled, VerificationFailed
 from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import Event, EventSink
 from optjob.pipeline.plan import build_plan
@@ -105,6 +105,22 @@ def test_stop_mid_job_publishes_nothing(s3_bucket: S3Bucket, tiny_llama: Path, t
                  job_arn=ARN.format("shard-1"), events=EventSink(stop_after_first_layer), cancel=cancel)  # fmt: skip
     assert s3_bucket.keys("out/") == []
     assert not (tmp_path / "work").exists()
+
+
+def test_a_layout_slip_caught_by_the_gate_removes_what_was_uploaded(
+    s3_bucket: S3Bucket, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from optjob.techniques.shard.layout import Splitter
+
+    s3_bucket.upload_dir(tiny_llama, "model")
+    # A sharder bug the gate must catch: every rank takes KV head 0. Rank 0's file is already
+    # uploaded when the last rank reveals it; the failed job must take it back.
+    monkeypatch.setattr(Splitter, "_kv_rows", lambda self, rank: (0, self.geo.head_dim))
+    events: list[Event] = []
+    with pytest.raises(VerificationFailed, match="sharding gate"):
+        _run(_plan(s3_bucket.uri("model/"), s3_bucket.uri("out/")), tmp_path, events=events)
+    assert any(e.stage == "upload" for e in events)  # something had been shipped before the verdict
+    assert s3_bucket.keys("out/") == [] and s3_bucket.multipart_uploads() == []
 
 
 def test_unsupported_architecture_fails_before_any_weight_with_nothing_published(

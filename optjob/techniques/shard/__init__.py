@@ -3,7 +3,7 @@
 ``layout`` turns ``config.json`` and ``configs/sharding.yaml`` into the list of vLLM's per-rank
 tensors and how each is cut from the source; ``writer`` streams the source through that list
 into per-rank part files; ``check`` is the gate that puts every rank back together and compares
-it with the source bit for bit before anything is uploaded; ``technique`` is the plug-in.
+it with the source bit for bit before the manifest can be written; ``technique`` is the plug-in.
 Importing this package registers it.
 """
 

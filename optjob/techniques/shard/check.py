@@ -1,7 +1,7 @@
 """The sharding gate: every closed part is read back and put together again, bit for bit.
 
-vLLM loads a wrong layout without complaint, so nothing may be uploaded on trust. For each part,
-as soon as every rank's file is closed, each tensor is read back from the files themselves, the
+vLLM loads a wrong layout without complaint, so no manifest may be written on trust. For each
+part, as soon as every rank's file is closed, each tensor is read back from the files themselves, the
 ranks' pieces are reassembled into the source tensors with ``layout.reassemble`` (written apart
 from the splitter, so a slip in either shows), and compared with the source tensor's bytes (in the
 output dtype). Vocabulary tensors are checked a rank at a time, so the gate never holds more than

@@ -198,22 +198,20 @@ class Splitter:
     def __init__(self, geo: Geometry, degree: int, source: SourceAccess) -> None:
         self.geo, self.degree, self.src = geo, degree, source
 
-    def pieces(self, entry: Entry) -> Iterator[torch.Tensor]:
-        """The entry's piece for rank 0, 1, ... in turn, in the output dtype."""
+    def piece(self, entry: Entry, rank: int) -> torch.Tensor:
+        """The entry's piece for ``rank``, in the output dtype."""
+        if entry.split == "buffer":
+            return torch.tensor(1.0, dtype=torch.float32)
         self._check_shapes(entry)
-        whole = self.src.whole(entry.sources[0]) if entry.split in ("columns", "replicate") else None
-        for rank in range(self.degree):
-            if entry.split == "buffer":
-                yield torch.tensor(1.0, dtype=torch.float32)
-                continue
-            if whole is not None and entry.split == "replicate":
-                piece = whole
-            elif whole is not None:  # columns: vLLM's RowParallelLinear splits the input dimension
-                per = whole.shape[1] // self.degree
-                piece = whole[:, rank * per : (rank + 1) * per]
-            else:
-                piece = getattr(self, f"_{entry.split}")(entry, rank)
-            yield piece.to(self.geo.torch_dtype).contiguous()
+        if entry.split == "replicate":
+            piece = self.src.whole(entry.sources[0])
+        elif entry.split == "columns":  # vLLM's RowParallelLinear splits the input dimension
+            whole = self.src.whole(entry.sources[0])
+            per = whole.shape[1] // self.degree
+            piece = whole[:, rank * per : (rank + 1) * per]
+        else:
+            piece = getattr(self, f"_{entry.split}")(entry, rank)
+        return piece.to(self.geo.torch_dtype).contiguous()
 
     def _check_shapes(self, entry: Entry) -> None:
         geo = self.geo

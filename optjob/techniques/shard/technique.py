@@ -3,8 +3,10 @@
 plan(): the degree against the target's GPUs, OPTION_DTYPE, serving.properties for
 ``--load-format sharded_state``. run: ``config.json`` is checked first (architecture, quantization,
 dtype, vLLM's divisibility rules) so a model that cannot be sharded fails before any weight is
-read; then the weights stream through ``writer`` into per-rank parts, each part passes the
-gate (``check``) before it is handed to the uploader, and the non-weight files travel unchanged.
+read; then the weights stream through ``writer`` into per-rank parts, each uploaded as it closes,
+every part number goes through the gate (``check``) once all ranks have written it, and the
+non-weight files travel unchanged. As on the streaming quantization path, nothing is a finished
+model until the manifest is written after the last check; a failed check removes the uploads.
 """
 
 from __future__ import annotations
@@ -122,15 +124,13 @@ class ShardingTechnique(StreamingTechnique):
         def part_done(part: Part) -> None:
             nonlocal gate_seconds
             t0 = time.monotonic()
-            check_part(part, geo, degree, source, figures)  # nothing leaves the host unchecked
+            check_part(part, geo, degree, source, figures)  # before the manifest can exist
             gate_seconds += time.monotonic() - t0
-            for path in part.paths:
-                on_output(path)
 
         try:
             report = write_parts(
                 source, geo, degree, out, part_max_bytes=int(stage.params["part_max_bytes"]),
-                on_part=part_done, cancel=ctx.cancel, events=ctx.events,
+                on_file=on_output, on_part=part_done, cancel=ctx.cancel, events=ctx.events,
             )  # fmt: skip
             unused = source.unused(geo)
         finally:

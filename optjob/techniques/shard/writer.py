@@ -1,11 +1,13 @@
 """Streams a checkpoint into vLLM ``sharded_state`` part files, one tensor at a time.
 
-Source shards are opened as they arrive (a downloader may still be fetching later ones); each of
-vLLM's tensors is cut into its per-rank pieces, reading only the rows a rank needs where the split
-allows it, and appended to that rank's open part file. A part closes, exactly where vLLM's own
-``ShardedStateLoader.save_model`` would close it, before the tensor that would take it past the
-part size; the closed parts of every rank are handed to the gate and then to the uploader while
-the next part is written. Memory is one source tensor and its pieces, whatever the model size.
+Source shards are opened as they arrive (a downloader may still be fetching later ones). The ranks
+are written one after the other: for each of vLLM's tensors, in vLLM's order, the rank's piece is
+cut from the source (reading only the rows it needs where the split allows) and appended to the
+rank's open part file. A part closes exactly where vLLM's own ``ShardedStateLoader.save_model``
+would close it, before the tensor that would take it past the part size, and goes to the uploader
+at once: with vLLM's 5 GiB parts a rank is usually one file, and writing rank by rank is what lets
+rank 0 upload while rank 1 is written. Once the last rank has closed part p, part p goes to the
+gate. Memory is one source tensor and one piece of it, whatever the model size.
 """
 
 from __future__ import annotations
@@ -110,54 +112,61 @@ def write_parts(
     out_dir: Path,
     *,
     part_max_bytes: int,
+    on_file: Callable[[Path], None],
     on_part: Callable[[Part], None],
     cancel: CancelToken | None = None,
     events: EventSink = NULL_SINK,
 ) -> WriteReport:
-    """Write every rank's part files into ``out_dir``; ``on_part`` gets each part as it closes."""
+    """Write every rank's part files into ``out_dir``, one rank after the other.
+
+    ``on_file`` gets each file as soon as it is closed (the uploader ships rank 0's files while
+    rank 1's are written); ``on_part`` gets part number p once every rank's file p exists (for the
+    gate, which needs all ranks to put a tensor back together).
+    """
     plan = entries(geo)
     splitter = Splitter(geo, degree, source.access())
     reserve = _reserve([entry.name for entry in plan])
     report = WriteReport(tensors_per_rank=len(plan))
-    number, part_bytes, group = 0, 0, []
-    writers: list[ShardWriter] = []
-
-    def open_part() -> None:
-        writers[:] = [ShardWriter(out_dir / file_name(rank, number), reserve=reserve) for rank in range(degree)]
-
-    def close_part() -> None:
-        nonlocal number, part_bytes, group
-        paths = [writer.close() for writer in writers]
-        writers.clear()
-        part = Part(number, paths, group, part_bytes)
-        report.parts.append(part)
-        on_part(part)
-        number, part_bytes, group = number + 1, 0, []
-
     out_dir.mkdir(parents=True, exist_ok=True)
-    open_part()
-    try:
-        for index, entry in enumerate(plan):
-            if cancel is not None:
-                cancel.raise_if_cancelled()
-            for rank, piece in enumerate(splitter.pieces(entry)):
-                if rank == 0:
-                    size = piece.numel() * piece.element_size()
-                    if part_bytes + size > part_max_bytes:  # vLLM's rule, even for an empty part
-                        close_part()
-                        open_part()
-                    part_bytes += size
-                    report.bytes_per_rank += size
-                    group.append(entry)
-                writers[rank].add(entry.name, piece)
-            if entry.name.endswith("post_attention_layernorm.weight") or index == len(plan) - 1:
-                events("shard", "tensor", (index + 1) / len(plan),
-                       f"{index + 1}/{len(plan)} tensors written for each of {degree} ranks",
-                       tensors_done=index + 1, tensors_total=len(plan))  # fmt: skip
-        if group:
-            close_part()
-    except BaseException:
-        for writer in writers:
+    total = degree * len(plan)
+
+    def close(writer: ShardWriter, rank: int, number: int, group: list[Entry], part_bytes: int) -> None:
+        path = writer.close()
+        on_file(path)
+        if rank == 0:
+            report.parts.append(Part(number, [], group, part_bytes))
+            report.bytes_per_rank += part_bytes
+        part = report.parts[number]
+        part.paths.append(path)
+        if part.entries != group or part.bytes_per_rank != part_bytes:
+            raise AssertionError(f"rank {rank}'s part {number} differs in layout from rank 0's")
+        if rank == degree - 1:
+            on_part(part)
+
+    for rank in range(degree):
+        number, part_bytes, group = 0, 0, []
+        writer = ShardWriter(out_dir / file_name(rank, number), reserve=reserve)
+
+        try:
+            for index, entry in enumerate(plan):
+                if cancel is not None:
+                    cancel.raise_if_cancelled()
+                piece = splitter.piece(entry, rank)
+                size = piece.numel() * piece.element_size()
+                if part_bytes + size > part_max_bytes:  # vLLM's rule, even for an empty part
+                    close(writer, rank, number, group, part_bytes)
+                    number, part_bytes, group = number + 1, 0, []
+                    writer = ShardWriter(out_dir / file_name(rank, number), reserve=reserve)
+                writer.add(entry.name, piece)
+                part_bytes += size
+                group.append(entry)
+                if entry.name.endswith("post_attention_layernorm.weight") or index == len(plan) - 1:
+                    done = rank * len(plan) + index + 1
+                    events("shard", "tensor", done / total,
+                           f"rank {rank + 1}/{degree}: {index + 1}/{len(plan)} tensors written",
+                           tensors_done=done, tensors_total=total)  # fmt: skip
+            close(writer, rank, number, group, part_bytes)
+        except BaseException:
             writer.abort()
-        raise
+            raise
     return report
