@@ -105,3 +105,15 @@ def test_row_ranges_read_only_those_rows(tmp_path: Path) -> None:
                 assert _same(reader.read_rows(name, start, stop), whole[start:stop]), (name, start, stop)
         with pytest.raises(ValueError, match="scalar"):
             reader.read_rows("scalar", 0, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int8])
+def test_column_ranges_match_slicing(tmp_path: Path, dtype: torch.dtype) -> None:
+    tensor = (torch.randn(37, 24) * 10).to(dtype)
+    save_file({"a": torch.zeros(3), "w": tensor}, str(tmp_path / "m.safetensors"))
+    with ShardReader(tmp_path / "m.safetensors") as reader:
+        for start, stop in [(0, 6), (6, 12), (18, 24), (0, 24), (5, 5)]:
+            got = reader.read_columns("w", start, stop)
+            assert got.dtype == dtype and torch.equal(got, tensor[:, start:stop])
+        with pytest.raises(ValueError, match="outside its 24 columns"):
+            reader.read_columns("w", 20, 30)

@@ -95,6 +95,27 @@ class ShardReader:
         flat = self._read(name, spec["data_offsets"][0] + start * row_bytes, (stop - start) * row_bytes)
         return flat.reshape([stop - start, *shape[1:]])
 
+    def read_columns(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Columns ``start:stop`` of a 2-D tensor, reading only their bytes (one ``preadv`` per row,
+        straight into the result), so a tensor-parallel rank never reads the other ranks' columns."""
+        spec = self.table[name]
+        rows, cols = spec["shape"]
+        if not 0 <= start <= stop <= cols:
+            raise ValueError(f"{name}: columns {start}:{stop} are outside its {cols} columns")
+        dtype = _ST_TO_TORCH[spec["dtype"]]
+        item = torch.empty(0, dtype=dtype).element_size()
+        width = (stop - start) * item
+        out = torch.empty(rows, width, dtype=torch.uint8)
+        if not out.numel():
+            return torch.empty(rows, stop - start, dtype=dtype)
+        view = memoryview(out.numpy()).cast("B")
+        base = self._data_start + spec["data_offsets"][0] + start * item
+        fd, row_bytes = self._file.fileno(), cols * item
+        for row in range(rows):
+            if os.preadv(fd, [view[row * width : (row + 1) * width]], base + row * row_bytes) != width:
+                raise ValueError(f"{self.path.name}: tensor {name} is cut short")
+        return out.view(dtype).reshape(rows, stop - start)
+
     def _read(self, name: str, offset: int, length: int) -> torch.Tensor:
         dtype = _ST_TO_TORCH[self.table[name]["dtype"]]
         raw = torch.empty(length, dtype=torch.uint8)

@@ -181,15 +181,16 @@ def entries(geo: Geometry) -> list[Entry]:
 
 
 class SourceAccess:
-    """How a splitter reads source tensors: whole, or a range of rows (first dimension)."""
+    """How a splitter reads source tensors: whole, or a range of rows or of columns."""
 
     def __init__(
         self,
         shape: Callable[[str], list[int]],
         rows: Callable[[str, int, int], torch.Tensor],
+        columns: Callable[[str, int, int], torch.Tensor],
         whole: Callable[[str], torch.Tensor],
     ) -> None:
-        self.shape, self.rows, self.whole = shape, rows, whole
+        self.shape, self.rows, self.columns, self.whole = shape, rows, columns, whole
 
 
 class Splitter:
@@ -206,9 +207,8 @@ class Splitter:
         if entry.split == "replicate":
             piece = self.src.whole(entry.sources[0])
         elif entry.split == "columns":  # vLLM's RowParallelLinear splits the input dimension
-            whole = self.src.whole(entry.sources[0])
-            per = whole.shape[1] // self.degree
-            piece = whole[:, rank * per : (rank + 1) * per]
+            per = self.src.shape(entry.sources[0])[1] // self.degree
+            piece = self.src.columns(entry.sources[0], rank * per, (rank + 1) * per)
         else:
             piece = getattr(self, f"_{entry.split}")(entry, rank)
         return piece.to(self.geo.torch_dtype).contiguous()

@@ -59,11 +59,14 @@ class SourceTensors:
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self._reader(name).read_rows(name, start, stop)
 
+    def columns(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._reader(name).read_columns(name, start, stop)
+
     def whole(self, name: str) -> torch.Tensor:
         return self._reader(name).read(name)
 
     def access(self) -> SourceAccess:
-        return SourceAccess(self.shape, self.rows, self.whole)
+        return SourceAccess(self.shape, self.rows, self.columns, self.whole)
 
     def unused(self, geo: Geometry) -> list[str]:
         """Source tensors vLLM's model has no place for (after every shard has been opened)."""
