@@ -62,3 +62,28 @@ def test_every_command_explains_itself() -> None:
         sub = optjob(command, "--help")
         assert sub.returncode == 0, (command, sub.stderr)
         assert "Usage: optjob " + command in " ".join(sub.stdout.split()), command
+
+
+def test_model_config_is_checked_against_the_techniques(tmp_path: Path) -> None:
+    import json
+
+    config = {"architectures": ["LlamaForCausalLM"], "num_attention_heads": 8, "num_key_value_heads": 2,
+              "hidden_size": 64, "intermediate_size": 128, "vocab_size": 500, "num_hidden_layers": 2,
+              "dtype": "bfloat16"}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    spec = str(EXAMPLES / "shard-tp2-g6-12xlarge.json")
+    fits = optjob("validate", spec, "--model-config", str(tmp_path))
+    assert fits.returncode == 0, fits.stderr
+    assert "stage 1: Sharding" in fits.stdout
+
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 3, "num_attention_heads": 6}))
+    breaks = optjob("validate", spec, "--model-config", str(tmp_path / "config.json"))
+    assert breaks.returncode == 1
+    assert breaks.stderr.startswith("invalid: ValidationException\n1 problem with the model for this request:\n")
+    assert "num_key_value_heads=3 is not divisible by the degree 2" in breaks.stderr
+    assert "(4 GPUs) use one of 1" in breaks.stderr
+
+    (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    other = optjob("validate", spec, "--model-config", str(tmp_path))
+    assert other.returncode == 1 and "this model is GPT2LMHeadModel" in other.stderr
+    assert optjob("validate", spec, "--model-config", str(tmp_path / "missing.json")).returncode == 2

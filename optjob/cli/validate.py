@@ -11,10 +11,11 @@ import typer
 import yaml
 from rich.console import Console
 
-from optjob.api.errors import ApiError, parse
+from optjob.api.errors import ApiError, ValidationException, parse
 from optjob.api.shapes import CreateOptimizationJobRequest
 from optjob.cli import app
-from optjob.pipeline.plan import build_plan
+from optjob.pipeline.plan import Plan, build_plan
+from optjob.pipeline.stage import technique_for
 from optjob.settings import load_settings
 
 EXIT_VALID, EXIT_INVALID, EXIT_UNREADABLE = 0, 1, 2
@@ -40,9 +41,7 @@ def read_spec(source: str) -> dict[str, Any]:
         except yaml.YAMLError:
             raise UnreadableSpec(f"{source} is neither valid JSON ({json_error}) nor YAML") from None
     if not isinstance(data, dict):
-        raise UnreadableSpec(
-            f"{source} must hold a JSON/YAML object (the request), not {type(data).__name__}"
-        )
+        raise UnreadableSpec(f"{source} must hold a JSON/YAML object (the request), not {type(data).__name__}")
     return data
 
 
@@ -54,6 +53,19 @@ def print_api_error(console: Console, exc: ApiError) -> None:
         console.print(header + ":", markup=False, highlight=False)
     for item in rest.split("; "):
         console.print(f"  - {item}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _model_problems(plan: Plan, model_config: Path, err: Console) -> list[str]:
+    path = model_config / "config.json" if model_config.is_dir() else model_config
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        err.print(f"unreadable: {path}: {exc}", markup=False, highlight=False, style="red", soft_wrap=True)
+        raise typer.Exit(EXIT_UNREADABLE) from None
+    problems: list[str] = []
+    for stage in plan.stages:
+        problems += technique_for(stage.technique).model_problems(stage, config, plan.target)
+    return problems
 
 
 def load_request(source: str) -> CreateOptimizationJobRequest:
@@ -70,6 +82,15 @@ def validate(
         ),
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print the resolved plan as JSON.")] = False,
+    model_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--model-config",
+            help="The model's config.json (or its directory): also check the model against each technique, "
+            "e.g. that OPTION_TENSOR_PARALLEL_DEGREE divides its attention heads for sharding. Jobs make "
+            "this check when config.json arrives; this makes it before a job exists.",
+        ),
+    ] = None,
 ) -> None:
     """Check a request against the API contract, the target instance and the technique rules.
 
@@ -77,6 +98,8 @@ def validate(
     every validation error in SageMaker's format. Exit status: 0 valid, 1 invalid, 2 unreadable.
 
     Example: optjob validate configs/examples/fp8-g6-12xlarge.json
+
+    Example: optjob validate configs/examples/shard-tp2-g6-12xlarge.json --model-config ./my-model/
     """
     out = Console()
     err = Console(stderr=True)
@@ -89,6 +112,14 @@ def validate(
     except ApiError as exc:
         print_api_error(err, exc)
         raise typer.Exit(EXIT_INVALID) from None
+    if model_config is not None:
+        problems = _model_problems(plan, model_config, err)
+        if problems:
+            print_api_error(err, ValidationException(
+                f"{len(problems)} problem{'s' if len(problems) != 1 else ''} with the model for this request: "
+                + "; ".join(problems)
+            ))  # fmt: skip
+            raise typer.Exit(EXIT_INVALID)
     if as_json:
         print(plan.model_dump_json(indent=2))
         return

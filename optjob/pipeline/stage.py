@@ -106,6 +106,14 @@ class Technique(ABC):
     def run(self, stage: PlannedStage, ctx: StageContext) -> StageResult:
         """Turn ``ctx.input_dir`` into a complete model directory at ``ctx.output_dir``."""
 
+    def model_problems(self, stage: PlannedStage, config: Mapping[str, Any], target: InstanceSpec) -> list[str]:
+        """What makes this model's ``config.json`` unfit for the planned stage (none by default).
+
+        The worker finds the same problems when ``config.json`` arrives; this lets a caller who has
+        the file (``optjob validate --model-config``) find them before a job is created.
+        """
+        return []
+
 
 class StreamingTechnique(Technique):
     """A technique that can work file by file, so download, work and upload overlap.

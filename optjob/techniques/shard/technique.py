@@ -16,6 +16,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -170,13 +171,25 @@ class ShardingTechnique(StreamingTechnique):
         return StageResult(metrics=metrics, warnings=list(stage.warnings),
                            serving_properties=dict(stage.serving_properties))  # fmt: skip
 
-    @staticmethod
-    def model_geometry(src: Path, degree: int, dtype: str | None, target: InstanceSpec) -> layout.Geometry:
+    def model_problems(self, stage: PlannedStage, config: Mapping[str, Any], target: InstanceSpec) -> list[str]:
+        try:
+            self.check_model(config, int(stage.params["tensor_parallel_degree"]), stage.params.get("dtype"), target)
+        except InputError as exc:
+            return [str(exc)]
+        return []
+
+    @classmethod
+    def model_geometry(cls, src: Path, degree: int, dtype: str | None, target: InstanceSpec) -> layout.Geometry:
         """The model's geometry, or InputError before any weight is read (naming the numbers and the fix)."""
         config_path = src / "config.json"
         if not config_path.is_file():
             raise InputError(f"the model source has no config.json (looked in {src}); add it to the model directory")
-        config = json.loads(config_path.read_text())
+        return cls.check_model(json.loads(config_path.read_text()), degree, dtype, target)
+
+    @staticmethod
+    def check_model(
+        config: Mapping[str, Any], degree: int, dtype: str | None, target: InstanceSpec
+    ) -> layout.Geometry:
         geo = layout.geometry(config, dtype=dtype)
         problems = layout.degree_problems(geo, degree)
         if problems:
