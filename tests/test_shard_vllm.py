@@ -47,6 +47,9 @@ CASES = [
     # Qwen2: q/k/v biases, tied embeddings.
     ("qwen2", 2, {"tied": True}),
     ("qwen2", 4, {"tied": True}),
+    # The other two layouts of configs/sharding.yaml: Mistral (vLLM's own class), Qwen3 (q/k norms).
+    ("mistral", 2, {}),
+    ("qwen3", 4, {"tied": True}),
 ]
 
 
