@@ -109,7 +109,8 @@ def measure_arch(server: Any, arch: Any, opts: argparse.Namespace, work: Path) -
         manifest = json.loads(client.get_object(Bucket=out_bucket, Key="optjob/optjob-manifest.json")["Body"].read())
     synth.delete_prefix(client, out_bucket, "optjob/")
     synth.delete_prefix(client, src_bucket, "model/")
-    shutil.rmtree(home, ignore_errors=True)
+    if not opts.keep:
+        shutil.rmtree(home, ignore_errors=True)
 
     stage = (manifest or {}).get("metrics", {}).get("1:Sharding", {})
     ok = job.rc == 0
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tp", type=int, default=4, help="OPTION_TENSOR_PARALLEL_DEGREE (default %(default)s)")
     parser.add_argument("--target", default="ml.g6.12xlarge", help="DeploymentInstanceType (default %(default)s)")
     parser.add_argument("--json", type=Path, default=None, help="results file (default under the cache dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (job store, logs, specs)")
     opts = parser.parse_args(argv)
     bench_common.exit_on_sigterm()
     arches = (
@@ -159,7 +161,10 @@ def main(argv: list[str] | None = None) -> None:
             for arch in arches:
                 results.append(measure_arch(server, arch, opts, work))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if opts.keep:
+            print(f"work directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     print()
     rows = []
     for r in results:

@@ -253,3 +253,16 @@ def test_plan_requires_a_degree_that_divides_the_gpus_and_a_servable_dtype() -> 
         tech.plan(ShardingConfig(), {"OPTION_TENSOR_PARALLEL_DEGREE": "3"}, spec, path="p")
     with pytest.raises(PlanError, match="OPTION_DTYPE='fp32'.*use bf16, fp16"):
         tech.plan(ShardingConfig(), {"OPTION_TENSOR_PARALLEL_DEGREE": "2", "OPTION_DTYPE": "fp32"}, spec, path="p")
+
+
+def test_a_single_kv_head_is_replicated_on_every_rank(tmp_path: Path) -> None:
+    model = build_model("llama", tmp_path / "src", kv_heads=1)
+    result, _ = run_stage(model, tmp_path / "out", 8)
+    src = source_state(model)
+    hd = 64 // 8
+    for rank in range(8):
+        qkv = rank_state(tmp_path / "out", rank)["model.layers.0.self_attn.qkv_proj.weight"]
+        assert qkv.shape[0] == 8 * hd // 8 + 2 * hd  # one q head, the one k and the one v head
+        assert torch.equal(qkv[hd : 2 * hd], src["model.layers.0.self_attn.k_proj.weight"])
+        assert torch.equal(qkv[2 * hd :], src["model.layers.0.self_attn.v_proj.weight"])
+    assert result.metrics["kv_replicated"] and result.metrics["gate"]["passed"]
