@@ -79,7 +79,7 @@ def test_example_spec_shards_and_publishes_with_the_manifest_last(
     assert all(len(f["sha256"]) == 64 for f in manifest["files"])
     figures = manifest["metrics"]["1:Sharding"]
     assert figures["vllm_layout_version"] == "0.32.0" and figures["tensor_parallel_degree"] == 2
-    assert figures["gate"]["passed"] and figures["gate"]["tensors_checked"] == figures["tensors_per_rank"]
+    assert figures["gate"]["passed"] and figures["gate"]["tensors_checked"] == 2 * figures["tensors_per_rank"]
     assert figures["padded_vocab_size"] == 512
     assert set(outcome.published) == {f["path"] for f in manifest["files"]}
     props = s3_bucket.client.get_object(Bucket=s3_bucket.name, Key="out/serving.properties")["Body"].read().decode()

@@ -141,7 +141,7 @@ def test_each_rank_holds_vllms_tensors(kind: str, degree: int, tied: bool, flags
         assert torch.equal(state["model.norm.weight"], src["model.norm.weight"])
 
     gate = result.metrics["gate"]
-    assert gate["passed"] and gate["tensors_checked"] == len(want)
+    assert gate["passed"] and gate["tensors_checked"] == degree * len(want) and gate["files_checked"] == degree
     assert result.metrics["kv_replicated"] == (kv < degree)
     assert sorted(p.name for p in shipped) == sorted(p.name for p in out.glob("model-rank-*.safetensors"))
     assert len(shipped) == degree  # one part per rank at vLLM's default part size
@@ -240,7 +240,7 @@ def test_gate_reads_back_what_is_on_disk(tmp_path: Path, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(safetensors_io.ShardWriter, "add", flip)
     model = build_model("llama", tmp_path / "src")
-    with pytest.raises(VerificationFailed, match="model.norm.weight: replicas differ"):
+    with pytest.raises(VerificationFailed, match="model.norm.weight on rank 1 does not hold model.norm.weight"):
         run_stage(model, tmp_path / "out", 2)
 
 
@@ -266,3 +266,21 @@ def test_a_single_kv_head_is_replicated_on_every_rank(tmp_path: Path) -> None:
         assert torch.equal(qkv[hd : 2 * hd], src["model.layers.0.self_attn.k_proj.weight"])
         assert torch.equal(qkv[2 * hd :], src["model.layers.0.self_attn.v_proj.weight"])
     assert result.metrics["kv_replicated"] and result.metrics["gate"]["passed"]
+
+
+def test_gate_own_layout_must_put_every_source_tensor_back_together() -> None:
+    from optjob.techniques.shard import check
+    from optjob.techniques.shard.layout import Entry, geometry
+
+    config = {"architectures": ["LlamaForCausalLM"], "num_attention_heads": 8, "num_key_value_heads": 2,
+              "hidden_size": 64, "intermediate_size": 128, "vocab_size": 500, "num_hidden_layers": 1,
+              "dtype": "bfloat16"}  # fmt: skip
+    geo = geometry(config)
+    down = Entry("model.layers.0.mlp.down_proj.weight", "columns", ("model.layers.0.mlp.down_proj.weight",))
+    shapes = {down.sources[0]: [64, 128]}
+    for degree in (1, 2, 4, 8):
+        check.check_tiling(geo, degree, down, shapes)  # the real map tiles
+    qkv = Entry("qkv", "qkv", ("q", "k", "v"))
+    check.check_tiling(geo, 4, qkv, {"q": [64, 64], "k": [16, 64], "v": [16, 64]})  # 2 KV heads, each on 2 ranks
+    with pytest.raises(VerificationFailed, match="covers 128 of the 130 columns"):
+        check.check_tiling(geo, 4, down, {down.sources[0]: [64, 130]})  # 130 columns do not split 4 ways

@@ -1,23 +1,32 @@
-"""The sharding gate: every closed part is read back and put together again, bit for bit.
+"""The sharding gate: every rank file is read back and matched to the source, bit for bit, before upload.
 
-vLLM loads a wrong layout without complaint, so no manifest may be written on trust. For each
-part, as soon as every rank's file is closed, each tensor is read back from the files themselves, the
-ranks' pieces are reassembled into the source tensors with ``layout.reassemble`` (written apart
-from the splitter, so a slip in either shows), and compared with the source tensor's bytes (in the
-output dtype). Vocabulary tensors are checked a rank at a time, so the gate never holds more than
-the largest source tensor plus one rank's piece of it.
+vLLM loads a wrong layout without complaint, so nothing may leave the host on trust. The gate has
+its own description of the layout, written apart from the splitter: for each tensor and rank, the
+source regions (rows, columns, or zero padding) that the rank's piece must hold (``regions``). Two
+checks follow from it:
+
+* once per tensor, from shapes alone: the regions of all ranks put the source back together —
+  every row (or column) of every source tensor covered exactly once, or, for KV heads the degree
+  replicates, by every rank of its group (``check_tiling``);
+* for each rank file as soon as it is closed (still in the page cache): every piece is read back
+  from disk and compared with its regions of the source, and padding rows must be zero, buffers
+  vLLM's defaults (``check_file``).
+
+Together they are a reassembly of each rank back into the source tensors, done rank by rank so
+that no rank's file waits for the others, and none is uploaded unchecked.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from optjob.errors import VerificationFailed
 from optjob.storage.safetensors_io import ShardReader
-from optjob.techniques.shard.layout import Entry, Geometry, reassemble, same_bits
-from optjob.techniques.shard.writer import Part, SourceTensors
+from optjob.techniques.shard.layout import Entry, Geometry, same_bits
+from optjob.techniques.shard.writer import SourceTensors
 
 _DEFECT = (
     "nothing was published. The source is fine; this is a defect in optjob's sharder: report it with the job "
@@ -25,68 +34,158 @@ _DEFECT = (
 )
 
 
+@dataclass(frozen=True)
+class Region:
+    """Rows ``out`` of a rank's piece hold ``rows`` x ``cols`` of ``source`` (None: zero padding)."""
+
+    out: tuple[int, int]
+    source: str | None = None
+    rows: tuple[int, int] | None = None  # None: all rows
+    cols: tuple[int, int] | None = None  # None: all columns
+
+
 @dataclass
 class GateFigures:
+    files_checked: int = 0
     tensors_checked: int = 0
-    source_tensors_matched: int = 0
     bytes_read_back: int = 0
+    seconds: float = 0.0
 
 
-def check_part(part: Part, geo: Geometry, degree: int, source: SourceTensors, figures: GateFigures) -> None:
-    """Raise VerificationFailed unless ``part``'s files reassemble into the source exactly."""
-    readers = [ShardReader(path) for path in part.paths]
-    try:
-        names = [entry.name for entry in part.entries]
-        for rank, reader in enumerate(readers):
-            if reader.names() != names:
+def _block(total: int, parts: int, index: int) -> tuple[int, int]:
+    size = total // parts
+    return index * size, (index + 1) * size
+
+
+def regions(geo: Geometry, degree: int, entry: Entry, rank: int, shapes: dict[str, list[int]]) -> list[Region]:
+    """Where each row block of ``rank``'s piece of ``entry`` comes from in the source."""
+    if entry.split == "replicate":
+        return [Region((0, shapes[entry.sources[0]][0]), entry.sources[0])]
+    if entry.split == "columns":
+        name = entry.sources[0]
+        return [Region((0, shapes[name][0]), name, cols=_block(shapes[name][1], degree, rank))]
+    if entry.split == "vocab":
+        per = geo.padded_vocab // degree
+        first, last = rank * per, min((rank + 1) * per, geo.vocab)
+        real = max(0, last - first)
+        out = [Region((0, real), entry.sources[0], rows=(first, first + real))] if real else []
+        return out + ([Region((real, per))] if real < per else [])
+    if entry.split == "merged":
+        out, at = [], 0
+        for name in entry.sources:
+            start, stop = _block(shapes[name][0], degree, rank)
+            out.append(Region((at, at + stop - start), name, rows=(start, stop)))
+            at += stop - start
+        return out
+    if entry.split == "qkv":
+        q, k, v = entry.sources
+        q_start, q_stop = _block(geo.heads * geo.head_dim, degree, rank)
+        if geo.kv_heads >= degree:
+            kv_start, kv_stop = _block(geo.kv_heads * geo.head_dim, degree, rank)
+        else:  # ranks are grouped evenly over the KV heads; each group holds its head whole
+            head = rank * geo.kv_heads // degree
+            kv_start, kv_stop = head * geo.head_dim, (head + 1) * geo.head_dim
+        n_q, n_kv = q_stop - q_start, kv_stop - kv_start
+        return [
+            Region((0, n_q), q, rows=(q_start, q_stop)),
+            Region((n_q, n_q + n_kv), k, rows=(kv_start, kv_stop)),
+            Region((n_q + n_kv, n_q + 2 * n_kv), v, rows=(kv_start, kv_stop)),
+        ]
+    raise ValueError(f"{entry.name}: no regions for split {entry.split}")
+
+
+def check_tiling(geo: Geometry, degree: int, entry: Entry, shapes: dict[str, list[int]]) -> None:
+    """The ranks' regions put every source tensor of ``entry`` back together exactly (shapes only)."""
+    if entry.split == "buffer":
+        return
+    covered: dict[str, list[tuple[int, int, int]]] = {name: [] for name in entry.sources}
+    for rank in range(degree):
+        for region in regions(geo, degree, entry, rank, shapes):
+            if region.source is None:
+                continue
+            span = region.cols if region.cols is not None else region.rows or (0, shapes[region.source][0])
+            covered[region.source].append((*span, rank))
+    for name, spans in covered.items():
+        axis = 1 if entry.split == "columns" else 0
+        length, unit = shapes[name][axis], ("rows", "columns")[axis]
+        distinct = sorted({(a, b) for a, b, _ in spans})
+        at = 0
+        for a, b in distinct:  # distinct spans must tile [0, length) without gaps or overlaps
+            if a != at or b <= a:
                 raise VerificationFailed(
-                    f"sharding gate: {reader.path.name} holds {len(reader.names())} tensors where rank {rank} "
-                    f"should hold {len(names)} in vLLM's order; {_DEFECT}"
+                    f"sharding gate: the ranks' pieces of {entry.name} do not put {name} back together "
+                    f"({unit} {at}..{a} missing or overlapping); {_DEFECT}"
                 )
-        for entry in part.entries:
-            if entry.split == "vocab":
-                _check_vocab(entry, geo, degree, readers, source)
-                matched = 1
-            else:
-                pieces = [reader.read(entry.name) for reader in readers]
-                try:
-                    rebuilt = reassemble(geo, degree, entry, pieces)
-                except ValueError as exc:
-                    raise VerificationFailed(f"sharding gate: {exc}; {_DEFECT}") from None
-                for name, tensor in rebuilt.items():
-                    _compare(entry, name, tensor, source.whole(name).to(geo.torch_dtype))
-                matched = len(rebuilt)
+            at = b
+        if at != length:
+            raise VerificationFailed(
+                f"sharding gate: {entry.name} covers {at} of the {length} {unit} of {name}; {_DEFECT}"
+            )
+        if entry.split == "vocab":  # ranks past the vocabulary hold only padding
+            continue
+        per_span = {(a, b): sum(1 for x, y, _ in spans if (x, y) == (a, b)) for a, b in distinct}
+        expected = degree // len(distinct)
+        if any(count != expected for count in per_span.values()):
+            raise VerificationFailed(
+                f"sharding gate: {name} is not spread evenly over the {degree} ranks in {entry.name}; {_DEFECT}"
+            )
+
+
+def check_file(
+    path: Path,
+    rank: int,
+    entries: list[Entry],
+    geo: Geometry,
+    degree: int,
+    source: SourceTensors,
+    figures: GateFigures,
+) -> None:
+    """Raise VerificationFailed unless rank ``rank``'s file holds exactly its regions of the source."""
+    with ShardReader(path) as reader:
+        names = [entry.name for entry in entries]
+        if reader.names() != names:
+            raise VerificationFailed(
+                f"sharding gate: {path.name} holds {len(reader.names())} tensors where rank {rank} should hold "
+                f"{len(names)} in vLLM's order; {_DEFECT}"
+            )
+        for entry in entries:
+            piece = reader.read(entry.name)
+            figures.bytes_read_back += piece.numel() * piece.element_size()
             figures.tensors_checked += 1
-            figures.source_tensors_matched += matched
-        figures.bytes_read_back += part.bytes_per_rank * degree
-    finally:
-        for reader in readers:
-            reader.close()
+            if entry.split == "buffer":
+                if piece.dtype != torch.float32 or piece.shape != () or piece.item() != 1.0:
+                    raise VerificationFailed(f"sharding gate: {entry.name} is not vLLM's default scale; {_DEFECT}")
+                continue
+            shapes = {name: source.shape(name) for name in entry.sources}
+            if rank == 0:
+                check_tiling(geo, degree, entry, shapes)
+            parts = regions(geo, degree, entry, rank, shapes)
+            if piece.shape[0] != parts[-1].out[1]:
+                raise VerificationFailed(
+                    f"sharding gate: {entry.name} on rank {rank} has {piece.shape[0]} rows, its regions of the "
+                    f"source have {parts[-1].out[1]}; {_DEFECT}"
+                )
+            for region in parts:
+                got = piece[region.out[0] : region.out[1]]
+                if region.source is None:
+                    if got.count_nonzero():
+                        raise VerificationFailed(
+                            f"sharding gate: {entry.name} on rank {rank} has non-zero padding rows; {_DEFECT}"
+                        )
+                    continue
+                expected = _source_region(source, region).to(geo.torch_dtype)
+                if not same_bits(got, expected):
+                    raise VerificationFailed(
+                        f"sharding gate: {entry.name} on rank {rank} does not hold {region.source} "
+                        f"rows {region.rows or 'all'} columns {region.cols or 'all'} bit for bit; {_DEFECT}"
+                    )
+    figures.files_checked += 1
 
 
-def _check_vocab(entry: Entry, geo: Geometry, degree: int, readers: list[ShardReader], source: SourceTensors) -> None:
-    per = geo.padded_vocab // degree
-    for rank, reader in enumerate(readers):
-        piece = reader.read(entry.name)
-        if list(piece.shape) != [per, geo.hidden]:
-            raise VerificationFailed(
-                f"sharding gate: {entry.name} on rank {rank} has shape {list(piece.shape)}, vLLM expects "
-                f"[{per}, {geo.hidden}] ({geo.vocab} rows padded to {geo.padded_vocab}, split {degree} ways); {_DEFECT}"
-            )
-        first = rank * per
-        real = max(0, min(per, geo.vocab - first))
-        if real:
-            expected = source.rows(entry.sources[0], first, first + real).to(geo.torch_dtype)
-            _compare(entry, f"{entry.sources[0]} rows {first}:{first + real}", piece[:real], expected)
-        if piece[real:].count_nonzero():
-            raise VerificationFailed(
-                f"sharding gate: {entry.name} on rank {rank} has non-zero vocabulary padding rows; {_DEFECT}"
-            )
-
-
-def _compare(entry: Entry, what: str, got: torch.Tensor, expected: torch.Tensor) -> None:
-    if not same_bits(got, expected):
-        raise VerificationFailed(
-            f"sharding gate: {entry.name} does not reassemble to the source {what} bit for bit "
-            f"(got {got.dtype} {list(got.shape)}, source {expected.dtype} {list(expected.shape)}); {_DEFECT}"
-        )
+def _source_region(source: SourceTensors, region: Region) -> torch.Tensor:
+    assert region.source is not None
+    if region.cols is not None:
+        return source.columns(region.source, *region.cols)
+    if region.rows is not None:
+        return source.rows(region.source, *region.rows)
+    return source.whole(region.source)

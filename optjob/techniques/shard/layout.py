@@ -2,9 +2,9 @@
 
 vLLM itself does not notice a wrong layout (it copies what fits and serves nonsense), so every
 rule lives in one place, as data, and this module only interprets it: which tensors each rank
-holds, in vLLM's ``state_dict`` order, how each piece is cut from the source tensors
-(``pieces``), and how the pieces go back together (``reassemble``, used by the gate). The two
-directions are written independently so that the gate can catch a slip in either.
+holds, in vLLM's ``state_dict`` order, and how each piece is cut from the source tensors
+(``Splitter``). The gate (``check``) describes the same layout again in its own terms, so a slip
+in either shows.
 """
 
 from __future__ import annotations
@@ -266,63 +266,6 @@ class Splitter:
             per = self.src.shape(name)[0] // self.degree
             parts.append(self.src.rows(name, rank * per, (rank + 1) * per))
         return torch.cat(parts)
-
-
-def reassemble(geo: Geometry, degree: int, entry: Entry, pieces: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The source tensors an entry's per-rank pieces stand for (the inverse of ``Splitter``).
-
-    Raises ValueError when the pieces are not a consistent layout: padding rows that are not
-    zero, KV replicas that differ, buffers that are not vLLM's defaults, pieces of the wrong size.
-    """
-    if len(pieces) != degree:
-        raise ValueError(f"{entry.name}: {len(pieces)} pieces for {degree} ranks")
-    shapes = {tuple(p.shape) for p in pieces}
-    if len(shapes) != 1:
-        raise ValueError(f"{entry.name}: ranks hold different shapes {sorted(shapes)}")
-    if entry.split == "buffer":
-        if any(p.dtype != torch.float32 or p.shape != () or p.item() != 1.0 for p in pieces):
-            raise ValueError(f"{entry.name}: not vLLM's default scale (fp32 scalar 1.0)")
-        return {}
-    if entry.split == "replicate":
-        if any(not same_bits(pieces[0], p) for p in pieces[1:]):
-            raise ValueError(f"{entry.name}: replicas differ between ranks")
-        return {entry.sources[0]: pieces[0]}
-    if entry.split == "columns":
-        return {entry.sources[0]: torch.cat(pieces, dim=1)}
-    if entry.split == "vocab":
-        full = torch.cat(pieces)
-        if full.shape[0] != geo.padded_vocab:
-            raise ValueError(f"{entry.name}: {full.shape[0]} rows, vLLM pads {geo.vocab} to {geo.padded_vocab}")
-        if full[geo.vocab :].count_nonzero():
-            raise ValueError(f"{entry.name}: vocabulary padding rows are not zero")
-        return {entry.sources[0]: full[: geo.vocab]}
-    if entry.split == "merged":
-        halves = [p.chunk(len(entry.sources)) for p in pieces]
-        return {name: torch.cat([h[i] for h in halves]) for i, name in enumerate(entry.sources)}
-    if entry.split == "qkv":
-        return _reassemble_qkv(geo, degree, entry, pieces)
-    raise ValueError(f"{entry.name}: unknown split {entry.split}")
-
-
-def _reassemble_qkv(geo: Geometry, degree: int, entry: Entry, pieces: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    q_rows = geo.heads * geo.head_dim // degree
-    kv_local = max(1, geo.kv_heads // degree) * geo.head_dim
-    if pieces[0].shape[0] != q_rows + 2 * kv_local:
-        raise ValueError(f"{entry.name}: {pieces[0].shape[0]} rows per rank, expected {q_rows} + 2 x {kv_local}")
-    qs, ks, vs = zip(*(p.split([q_rows, kv_local, kv_local]) for p in pieces), strict=True)
-    q_name, k_name, v_name = entry.sources
-    if geo.kv_heads >= degree:
-        return {q_name: torch.cat(qs), k_name: torch.cat(ks), v_name: torch.cat(vs)}
-    group = degree // geo.kv_heads  # ranks r*group .. r*group+group-1 hold KV head r
-    for rank in range(degree):
-        first = rank - rank % group
-        if not (same_bits(ks[rank], ks[first]) and same_bits(vs[rank], vs[first])):
-            raise ValueError(f"{entry.name}: rank {rank}'s KV head differs from rank {first}'s replica")
-    return {
-        q_name: torch.cat(qs),
-        k_name: torch.cat(ks[::group]),
-        v_name: torch.cat(vs[::group]),
-    }
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

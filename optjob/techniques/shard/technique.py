@@ -3,10 +3,9 @@
 plan(): the degree against the target's GPUs, OPTION_DTYPE, serving.properties for
 ``--load-format sharded_state``. run: ``config.json`` is checked first (architecture, quantization,
 dtype, vLLM's divisibility rules) so a model that cannot be sharded fails before any weight is
-read; then the weights stream through ``writer`` into per-rank parts, each uploaded as it closes,
-every part number goes through the gate (``check``) once all ranks have written it, and the
-non-weight files travel unchanged. As on the streaming quantization path, nothing is a finished
-model until the manifest is written after the last check; a failed check removes the uploads.
+read; then the weights stream through ``writer`` into per-rank part files, each checked by the gate
+(``check``) as soon as it closes and only then uploaded, and the non-weight files travel unchanged.
+Nothing is a finished model until the manifest is written; a failure removes what was uploaded.
 """
 
 from __future__ import annotations
@@ -101,8 +100,8 @@ class ShardingTechnique(StreamingTechnique):
         weights: Iterable[Path],
         on_output: Callable[[Path], None],
     ) -> StageResult:
-        from optjob.techniques.shard.check import GateFigures, check_part
-        from optjob.techniques.shard.writer import Part, SourceTensors, write_parts
+        from optjob.techniques.shard.check import GateFigures, check_file
+        from optjob.techniques.shard.writer import SourceTensors, write_parts
 
         started = time.monotonic()
         src, out = Path(ctx.input_dir), Path(ctx.output_dir)
@@ -120,18 +119,17 @@ class ShardingTechnique(StreamingTechnique):
 
         figures = GateFigures()
         source = SourceTensors(weights)
-        gate_seconds = 0.0
 
-        def part_done(part: Part) -> None:
-            nonlocal gate_seconds
+        def file_done(path: Path, rank: int, entries: list[layout.Entry]) -> None:
             t0 = time.monotonic()
-            check_part(part, geo, degree, source, figures)  # before the manifest can exist
-            gate_seconds += time.monotonic() - t0
+            check_file(path, rank, entries, geo, degree, source, figures)  # nothing leaves unchecked
+            figures.seconds += time.monotonic() - t0
+            on_output(path)
 
         try:
             report = write_parts(
                 source, geo, degree, out, part_max_bytes=int(stage.params["part_max_bytes"]),
-                on_file=on_output, on_part=part_done, cancel=ctx.cancel, events=ctx.events,
+                on_file=file_done, cancel=ctx.cancel, events=ctx.events,
             )  # fmt: skip
             unused = source.unused(geo)
         finally:
@@ -158,16 +156,17 @@ class ShardingTechnique(StreamingTechnique):
             "files": [path.name for part in report.parts for path in part.paths],
             "gate": {
                 "passed": True,
+                "files_checked": figures.files_checked,
                 "tensors_checked": figures.tensors_checked,
-                "source_tensors_bit_exact": figures.source_tensors_matched,
-                "seconds": round(gate_seconds, 3),
+                "bytes_read_back": figures.bytes_read_back,
+                "seconds": round(figures.seconds, 3),
             },
             "seconds": round(time.monotonic() - started, 3),
             "peak_rss_mib": round(peak_rss_mib(), 1),
         }
         ctx.events("shard", "done", 1.0,
-                   f"{len(report.parts)} part(s) x {degree} ranks, {figures.source_tensors_matched} source tensors "
-                   "reassembled bit for bit")  # fmt: skip
+                   f"{len(report.parts)} part(s) x {degree} ranks; every rank file read back and matched to the "
+                   "source bit for bit")  # fmt: skip
         return StageResult(metrics=metrics, warnings=list(stage.warnings),
                            serving_properties=dict(stage.serving_properties))  # fmt: skip
 
@@ -187,9 +186,7 @@ class ShardingTechnique(StreamingTechnique):
         return cls.check_model(json.loads(config_path.read_text()), degree, dtype, target)
 
     @staticmethod
-    def check_model(
-        config: Mapping[str, Any], degree: int, dtype: str | None, target: InstanceSpec
-    ) -> layout.Geometry:
+    def check_model(config: Mapping[str, Any], degree: int, dtype: str | None, target: InstanceSpec) -> layout.Geometry:
         geo = layout.geometry(config, dtype=dtype)
         problems = layout.degree_problems(geo, degree)
         if problems:

@@ -5,9 +5,9 @@ are written one after the other: for each of vLLM's tensors, in vLLM's order, th
 cut from the source (reading only the rows it needs where the split allows) and appended to the
 rank's open part file. A part closes exactly where vLLM's own ``ShardedStateLoader.save_model``
 would close it, before the tensor that would take it past the part size, and goes to the uploader
-at once: with vLLM's 5 GiB parts a rank is usually one file, and writing rank by rank is what lets
-rank 0 upload while rank 1 is written. Once the last rank has closed part p, part p goes to the
-gate. Memory is one source tensor and one piece of it, whatever the model size.
+to the gate and the uploader: with vLLM's 5 GiB parts a rank is usually one file, and writing rank
+by rank is what lets rank 0 be checked and uploaded while rank 1 is written. Memory is one source
+tensor and one piece of it, whatever the model size.
 """
 
 from __future__ import annotations
@@ -115,16 +115,14 @@ def write_parts(
     out_dir: Path,
     *,
     part_max_bytes: int,
-    on_file: Callable[[Path], None],
-    on_part: Callable[[Part], None],
+    on_file: Callable[[Path, int, list[Entry]], None],
     cancel: CancelToken | None = None,
     events: EventSink = NULL_SINK,
 ) -> WriteReport:
     """Write every rank's part files into ``out_dir``, one rank after the other.
 
-    ``on_file`` gets each file as soon as it is closed (the uploader ships rank 0's files while
-    rank 1's are written); ``on_part`` gets part number p once every rank's file p exists (for the
-    gate, which needs all ranks to put a tensor back together).
+    ``on_file(path, rank, entries)`` gets each file as soon as it is closed, with the tensors it
+    holds: the gate checks it and the uploader ships it while the next one is written.
     """
     plan = entries(geo)
     splitter = Splitter(geo, degree, source.access())
@@ -135,7 +133,6 @@ def write_parts(
 
     def close(writer: ShardWriter, rank: int, number: int, group: list[Entry], part_bytes: int) -> None:
         path = writer.close()
-        on_file(path)
         if rank == 0:
             report.parts.append(Part(number, [], group, part_bytes))
             report.bytes_per_rank += part_bytes
@@ -143,8 +140,7 @@ def write_parts(
         part.paths.append(path)
         if part.entries != group or part.bytes_per_rank != part_bytes:
             raise AssertionError(f"rank {rank}'s part {number} differs in layout from rank 0's")
-        if rank == degree - 1:
-            on_part(part)
+        on_file(path, rank, group)
 
     for rank in range(degree):
         number, part_bytes, group = 0, 0, []
