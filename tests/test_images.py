@@ -37,3 +37,10 @@ def test_unknown_inputs_name_the_problem():
         recommended_image("lmi", "mars-1")
     with pytest.raises(KeyError, match="not published"):
         recommended_image("neuronx", "ap-northeast-2")
+
+
+def test_sharded_state_image_is_the_vllm_release_of_the_layout():
+    from optjob.techniques.shard.layout import vllm_version
+
+    for region in ("us-east-1", "cn-north-1"):
+        assert recommended_image("vllm-sharded-state", region) == f"vllm/vllm-openai:v{vllm_version()}"

@@ -34,7 +34,8 @@ def dns_suffix(region: str) -> str:
 
 
 def recommended_image(framework: str, region: str, explicit_image: str | None = None) -> str:
-    """``{account}.dkr.ecr.{region}.{dnsSuffix}/{repository}:{tag}``, or ``explicit_image`` if given."""
+    """``{account}.dkr.ecr.{region}.{dnsSuffix}/{repository}:{tag}`` (or the framework's fixed ``uri``), or
+    ``explicit_image`` if given."""
     if explicit_image:
         return explicit_image
     tables = _tables()
@@ -43,6 +44,8 @@ def recommended_image(framework: str, region: str, explicit_image: str | None = 
     except KeyError:
         known = ", ".join(sorted(tables["frameworks"]))
         raise KeyError(f"unknown image framework {framework!r}; configs/images.yaml has {known}") from None
+    if "uri" in fw:  # a full image reference, the same in every region
+        return str(fw["uri"])
     if region in fw.get("exclude_regions", []):
         raise KeyError(f"{framework} images are not published in {region}")
     return f"{account_for(region)}.dkr.ecr.{region}.{dns_suffix(region)}/{fw['repository']}:{fw['tag']}"

@@ -78,7 +78,7 @@ class ShardingTechnique(StreamingTechnique):
             },
             env=env,
             image=getattr(config, "image", None),
-            image_framework="lmi",
+            image_framework="vllm-sharded-state",
             needs=StageNeeds(whole_model_in_memory=False),
             serving_properties=serving,
         )
