@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from optjob.config_files import load_config
 from optjob.errors import InputError, VerificationFailed
+from optjob.package.model_config import set_config_dtype
 from optjob.package.serving import properties_from_env, write_serving_properties
 from optjob.pipeline.stage import (
     PlanError,
@@ -35,7 +36,6 @@ from optjob.targets.catalog import InstanceSpec
 from optjob.techniques.quantize import rules
 from optjob.techniques.quantize.params import QuantizationParams, parse_params
 
-_CONFIG_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 _SERVING_DTYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
 
 
@@ -201,7 +201,7 @@ class QuantizationTechnique(StreamingTechnique):
                 cancel=ctx.cancel,
             )
             if dtype != "auto":
-                self._set_config_dtype(out, dtype)
+                set_config_dtype(out, dtype)
         elif engine == "bitsandbytes":
             details = engines.bnb_quantize(src, out, params, dtype=dtype)
         else:
@@ -244,11 +244,3 @@ class QuantizationTechnique(StreamingTechnique):
             warnings=[*stage.warnings, *report.notes],
             serving_properties=dict(stage.serving_properties),
         )
-
-    @staticmethod
-    def _set_config_dtype(out: Path, dtype: str) -> None:
-        path = out / "config.json"
-        cfg = json.loads(path.read_text())
-        cfg["dtype"] = _CONFIG_DTYPES[dtype]
-        cfg.pop("torch_dtype", None)
-        path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

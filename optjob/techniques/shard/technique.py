@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from optjob.errors import InputError
+from optjob.package.model_config import set_config_dtype
 from optjob.package.serving import properties_from_env, write_serving_properties
 from optjob.pipeline.env import tensor_parallel_degree
 from optjob.pipeline.stage import (
@@ -37,7 +38,6 @@ from optjob.targets.catalog import InstanceSpec
 from optjob.techniques.shard import layout
 
 _DTYPES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16"}
-_CONFIG_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -110,7 +110,7 @@ class ShardingTechnique(StreamingTechnique):
         out.mkdir(parents=True, exist_ok=True)
         self._copy_non_weights(src, out)
         if stage.params.get("dtype"):
-            self._set_config_dtype(out, stage.params["dtype"])
+            set_config_dtype(out, stage.params["dtype"])
         write_serving_properties(out, stage.serving_properties, comments=self.serving_notes(degree))
         kv = "replicated" if geo.kv_heads < degree else "split"
         ctx.events("shard", "plan", 0.0,
@@ -216,11 +216,3 @@ class ShardingTechnique(StreamingTechnique):
         for item in src.iterdir():
             if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES) and item.name != SAFETENSORS_INDEX:
                 shutil.copy2(item, out / item.name)
-
-    @staticmethod
-    def _set_config_dtype(out: Path, dtype: str) -> None:
-        path = out / "config.json"
-        config = json.loads(path.read_text())
-        config["dtype"] = _CONFIG_DTYPES[dtype]
-        config.pop("torch_dtype", None)
-        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
