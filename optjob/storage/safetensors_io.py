@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -163,6 +164,21 @@ class ShardWriter:
         data = tensor.reshape(-1).view(torch.uint8) if tensor.numel() else torch.empty(0, dtype=torch.uint8)
         self._file.write(memoryview(data.numpy()))
         self._record(name, dtype, list(tensor.shape), data.numel())
+
+    def add_blocks(self, name: str, shape: list[int], dtype: torch.dtype, blocks: Iterable[torch.Tensor]) -> None:
+        """Append a tensor given as consecutive row blocks, so it is never in memory whole."""
+        st_dtype = TORCH_TO_ST.get(dtype)
+        if st_dtype is None:
+            raise ValueError(f"{name}: dtype {dtype} cannot be stored in safetensors")
+        length = 0
+        for block in blocks:
+            if block.dtype != dtype:
+                raise ValueError(f"{name}: a {block.dtype} block in a {dtype} tensor")
+            data = block.detach().contiguous().reshape(-1).view(torch.uint8)
+            if data.numel():
+                self._file.write(memoryview(data.numpy()))
+            length += data.numel()
+        self._record(name, st_dtype, list(shape), length)
 
     def append_raw(self, name: str, dtype: str, shape: list[int], source: BinaryIO, length: int) -> None:
         left = length

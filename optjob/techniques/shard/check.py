@@ -18,6 +18,8 @@ that no rank's file waits for the others, and none is uploaded unchecked.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +27,7 @@ import torch
 
 from optjob.errors import VerificationFailed
 from optjob.storage.safetensors_io import ShardReader
-from optjob.techniques.shard.layout import Entry, Geometry, same_bits
+from optjob.techniques.shard.layout import Entry, Geometry, block_rows, same_bits
 from optjob.techniques.shard.writer import SourceTensors
 
 _DEFECT = (
@@ -149,10 +151,9 @@ def check_file(
                 f"{len(names)} in vLLM's order; {_DEFECT}"
             )
         for entry in entries:
-            piece = reader.read(entry.name)
-            figures.bytes_read_back += piece.numel() * piece.element_size()
             figures.tensors_checked += 1
             if entry.split == "buffer":
+                piece = reader.read(entry.name)
                 if piece.dtype != torch.float32 or piece.shape != () or piece.item() != 1.0:
                     raise VerificationFailed(f"sharding gate: {entry.name} is not vLLM's default scale; {_DEFECT}")
                 continue
@@ -160,32 +161,44 @@ def check_file(
             if rank == 0:
                 check_tiling(geo, degree, entry, shapes)
             parts = regions(geo, degree, entry, rank, shapes)
-            if piece.shape[0] != parts[-1].out[1]:
+            rows = reader.shape(entry.name)[0]
+            if rows != parts[-1].out[1]:
                 raise VerificationFailed(
-                    f"sharding gate: {entry.name} on rank {rank} has {piece.shape[0]} rows, its regions of the "
+                    f"sharding gate: {entry.name} on rank {rank} has {rows} rows, its regions of the "
                     f"source have {parts[-1].out[1]}; {_DEFECT}"
                 )
             for region in parts:
-                got = piece[region.out[0] : region.out[1]]
-                if region.source is None:
-                    if got.count_nonzero():
+                for got, expected in _blocks(reader, entry.name, region, source, geo):
+                    figures.bytes_read_back += got.numel() * got.element_size()
+                    if expected is None:
+                        if got.count_nonzero():
+                            raise VerificationFailed(
+                                f"sharding gate: {entry.name} on rank {rank} has non-zero padding rows; {_DEFECT}"
+                            )
+                    elif not same_bits(got, expected):
                         raise VerificationFailed(
-                            f"sharding gate: {entry.name} on rank {rank} has non-zero padding rows; {_DEFECT}"
+                            f"sharding gate: {entry.name} on rank {rank} does not hold {region.source} "
+                            f"rows {region.rows or 'all'} columns {region.cols or 'all'} bit for bit; {_DEFECT}"
                         )
-                    continue
-                expected = _source_region(source, region).to(geo.torch_dtype)
-                if not same_bits(got, expected):
-                    raise VerificationFailed(
-                        f"sharding gate: {entry.name} on rank {rank} does not hold {region.source} "
-                        f"rows {region.rows or 'all'} columns {region.cols or 'all'} bit for bit; {_DEFECT}"
-                    )
     figures.files_checked += 1
 
 
-def _source_region(source: SourceTensors, region: Region) -> torch.Tensor:
-    assert region.source is not None
-    if region.cols is not None:
-        return source.columns(region.source, *region.cols)
-    if region.rows is not None:
-        return source.rows(region.source, *region.rows)
-    return source.whole(region.source)
+def _blocks(
+    reader: ShardReader, name: str, region: Region, source: SourceTensors, geo: Geometry
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(what the file holds, what the source says) for a region, in row blocks where the region is
+    made of source rows (the vocabulary pieces are the largest tensors; never hold one whole)."""
+    first, last = region.out
+    if region.source is not None and region.cols is not None:  # a column block: whole rows needed
+        yield reader.read_rows(name, first, last), source.columns(region.source, *region.cols).to(geo.torch_dtype)
+        return
+    width = int(math.prod(reader.shape(name)[1:]) or 1)
+    step = block_rows(width, geo.torch_dtype)
+    offset = region.rows[0] - first if region.rows is not None else -first
+    for start in range(first, last, step):
+        stop = min(start + step, last)
+        got = reader.read_rows(name, start, stop)
+        if region.source is None:
+            yield got, None
+        else:
+            yield got, source.rows(region.source, start + offset, stop + offset).to(geo.torch_dtype)

@@ -180,6 +180,24 @@ def entries(geo: Geometry) -> list[Entry]:
     return out
 
 
+def block_rows(width: int, dtype: torch.dtype, target_bytes: int = 32 << 20) -> int:
+    """Rows per block so that a block of a ``width``-wide tensor is about ``target_bytes``."""
+    return max(1, target_bytes // (width * torch.empty(0, dtype=dtype).element_size()))
+
+
+@dataclass(frozen=True)
+class RowBlocks:
+    """A piece too large to hold at once: its shape and dtype, and its rows block by block."""
+
+    shape: list[int]
+    dtype: torch.dtype
+    blocks: Callable[[], Iterator[torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] * torch.empty(0, dtype=self.dtype).element_size()
+
+
 class SourceAccess:
     """How a splitter reads source tensors: whole, or a range of rows or of columns."""
 
@@ -199,7 +217,7 @@ class Splitter:
     def __init__(self, geo: Geometry, degree: int, source: SourceAccess) -> None:
         self.geo, self.degree, self.src = geo, degree, source
 
-    def piece(self, entry: Entry, rank: int) -> torch.Tensor:
+    def piece(self, entry: Entry, rank: int) -> torch.Tensor | RowBlocks:
         """The entry's piece for ``rank``, in the output dtype."""
         if entry.split == "buffer":
             return torch.tensor(1.0, dtype=torch.float32)
@@ -209,6 +227,8 @@ class Splitter:
         elif entry.split == "columns":  # vLLM's RowParallelLinear splits the input dimension
             per = self.src.shape(entry.sources[0])[1] // self.degree
             piece = self.src.columns(entry.sources[0], rank * per, (rank + 1) * per)
+        elif entry.split == "vocab":
+            return self._vocab(entry, rank)
         else:
             piece = getattr(self, f"_{entry.split}")(entry, rank)
         return piece.to(self.geo.torch_dtype).contiguous()
@@ -231,14 +251,27 @@ class Splitter:
                     "and head_dim); the checkpoint and its config.json disagree. Fix config.json or re-export the model"
                 )
 
-    def _vocab(self, entry: Entry, rank: int) -> torch.Tensor:
-        per = self.geo.padded_vocab // self.degree
-        start = rank * per
-        stop = min(start + per, self.geo.vocab)
-        piece = torch.zeros(per, self.geo.hidden, dtype=self.geo.torch_dtype)
-        if stop > start:
-            piece[: stop - start] = self.src.rows(entry.sources[0], start, stop)
-        return piece
+    def _vocab(self, entry: Entry, rank: int) -> RowBlocks:
+        """The largest piece of all, so it is handed over as row blocks (padding rows zero)."""
+        geo = self.geo
+        per = geo.padded_vocab // self.degree
+        start, stop = rank * per, min((rank + 1) * per, geo.vocab)
+        step = block_rows(geo.hidden, geo.torch_dtype)
+
+        def blocks() -> Iterator[torch.Tensor]:
+            for first in range(start, start + per, step):
+                last = min(first + step, start + per)
+                real = max(0, min(last, stop) - first)
+                block = self.src.rows(entry.sources[0], first, first + real).to(geo.torch_dtype) if real else None
+                if real == last - first:
+                    yield block
+                    continue
+                padded = torch.zeros(last - first, geo.hidden, dtype=geo.torch_dtype)
+                if block is not None:
+                    padded[:real] = block
+                yield padded
+
+        return RowBlocks([per, geo.hidden], geo.torch_dtype, blocks)
 
     def _kv_rows(self, rank: int) -> tuple[int, int]:
         geo, degree = self.geo, self.degree

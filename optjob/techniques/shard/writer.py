@@ -23,7 +23,15 @@ from optjob.errors import InputError
 from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import NULL_SINK, EventSink
 from optjob.storage.safetensors_io import ShardReader, ShardWriter
-from optjob.techniques.shard.layout import Entry, Geometry, SourceAccess, Splitter, entries, file_name
+from optjob.techniques.shard.layout import (
+    Entry,
+    Geometry,
+    RowBlocks,
+    SourceAccess,
+    Splitter,
+    entries,
+    file_name,
+)
 
 # Source tensors vLLM's loaders skip rather than refuse (rotary caches some exporters save).
 _IGNORED_SOURCE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -151,12 +159,15 @@ def write_parts(
                 if cancel is not None:
                     cancel.raise_if_cancelled()
                 piece = splitter.piece(entry, rank)
-                size = piece.numel() * piece.element_size()
+                size = piece.nbytes if isinstance(piece, RowBlocks) else piece.numel() * piece.element_size()
                 if part_bytes + size > part_max_bytes:  # vLLM's rule, even for an empty part
                     close(writer, rank, number, group, part_bytes)
                     number, part_bytes, group = number + 1, 0, []
                     writer = ShardWriter(out_dir / file_name(rank, number), reserve=reserve)
-                writer.add(entry.name, piece)
+                if isinstance(piece, RowBlocks):
+                    writer.add_blocks(entry.name, piece.shape, piece.dtype, piece.blocks())
+                else:
+                    writer.add(entry.name, piece)
                 part_bytes += size
                 group.append(entry)
                 if entry.name.endswith("post_attention_layernorm.weight") or index == len(plan) - 1:
