@@ -168,6 +168,24 @@ def safetensors_header(path: Path, rel: str) -> dict[str, Any]:
 _INDEX_FIX = "Upload every shard the index names, or regenerate the index with save_pretrained."
 
 
+def indexed_weight_names(model_dir: Path) -> list[str]:
+    """The shard file names a local model's index lists, in index order ([] without an index)."""
+    index = model_dir / SAFETENSORS_INDEX
+    if not index.is_file():
+        return []
+    return list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """A local model's safetensors shards in index order (or the files themselves, sorted)."""
+    if (model_dir / SAFETENSORS_INDEX).is_file():
+        return [model_dir / name for name in indexed_weight_names(model_dir)]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights")
+    return files
+
+
 def index_weight_map(root: Path) -> dict[str, str]:
     """The index's tensor -> shard map, shard paths checked for safety."""
     index = _read_json(root / SAFETENSORS_INDEX, SAFETENSORS_INDEX, _INDEX_FIX)

@@ -59,7 +59,7 @@ def _tensor_shapes(model_dir: Path) -> dict[str, tuple[str, int]]:
 
 def _complete_weight_files(model_dir: Path) -> list[Path]:
     """Every weight file the checkpoint has, or [] if any of them is not local (yet)."""
-    from optjob.techniques.quantize.streaming import indexed_weight_names
+    from optjob.storage.inputs import indexed_weight_names
 
     if (model_dir / WEIGHTS_INDEX).is_file():
         files = [model_dir / name for name in indexed_weight_names(model_dir)]

@@ -32,7 +32,7 @@ import torch
 
 from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import NULL_SINK, EventSink
-from optjob.storage.inputs import SAFETENSORS_INDEX
+from optjob.storage.inputs import SAFETENSORS_INDEX, indexed_weight_names, weight_files
 from optjob.storage.safetensors_io import FLOAT_DTYPES, TORCH_TO_ST
 from optjob.techniques.quantize import fp8_cpu
 
@@ -189,16 +189,6 @@ def _cast_needed(st_dtype: str, dtype: torch.dtype | None) -> bool:
     return dtype is not None and st_dtype in FLOAT_DTYPES and TORCH_TO_ST[dtype] != st_dtype
 
 
-def weight_files(model_dir: Path) -> list[Path]:
-    """The checkpoint's safetensors shards in index order (or the single file)."""
-    if (model_dir / WEIGHTS_INDEX).is_file():
-        return [model_dir / n for n in indexed_weight_names(model_dir)]
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights")
-    return files
-
-
 def write_quantization_config(out_dir: Path, config: Any, *, dtype: str | None = None) -> dict[str, Any]:
     """Add the compressed ``quantization_config`` to ``out_dir/config.json`` the way llm-compressor does."""
     from compressed_tensors import __version__ as ct_version
@@ -281,11 +271,3 @@ def quantize_checkpoint(
         index = {"metadata": {"total_size": result.total_size}, "weight_map": dict(sorted(result.weight_map.items()))}
         (output_dir / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return result
-
-
-def indexed_weight_names(model_dir: Path) -> list[str]:
-    """The shard file names the index lists, in index order ([] without an index)."""
-    index = model_dir / WEIGHTS_INDEX
-    if not index.is_file():
-        return []
-    return list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from optjob.pipeline.stage import (
     register,
 )
 from optjob.runtime.usage import peak_rss_mib
-from optjob.storage.inputs import SAFETENSORS_INDEX
+from optjob.storage.inputs import SAFETENSORS_INDEX, weight_files
 from optjob.targets.catalog import InstanceSpec
 from optjob.techniques.shard import layout
 
@@ -85,13 +85,17 @@ class ShardingTechnique(StreamingTechnique):
 
     def run(self, stage: PlannedStage, ctx: StageContext) -> StageResult:
         src = Path(ctx.input_dir)
-        index = src / SAFETENSORS_INDEX
-        if index.is_file():
-            names = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
-            shards = [src / name for name in names]
-        else:
-            shards = sorted(src.glob("*.safetensors"))
-        return self.run_streaming(stage, ctx, shards, lambda path: None)
+
+        def shards() -> Iterator[Path]:  # listed on first use, after config.json has been checked
+            try:
+                yield from weight_files(src)
+            except FileNotFoundError:
+                raise InputError(
+                    f"the model source has no *.safetensors weights (looked in {src}); sharding reads safetensors "
+                    "only, so convert the checkpoint with transformers' save_pretrained first"
+                ) from None
+
+        return self.run_streaming(stage, ctx, shards(), lambda path: None)
 
     def run_streaming(
         self,

@@ -4,8 +4,8 @@ Source shards are opened as they arrive (a downloader may still be fetching late
 are written one after the other: for each of vLLM's tensors, in vLLM's order, the rank's piece is
 cut from the source (reading only the rows it needs where the split allows) and appended to the
 rank's open part file. A part closes exactly where vLLM's own ``ShardedStateLoader.save_model``
-would close it, before the tensor that would take it past the part size, and goes to the uploader
-to the gate and the uploader: with vLLM's 5 GiB parts a rank is usually one file, and writing rank
+would close it, before the tensor that would take it past the part size, and goes to the gate and
+then to the uploader: with vLLM's 5 GiB parts a rank is usually one file, and writing rank
 by rank is what lets rank 0 be checked and uploaded while rank 1 is written. Memory is one source
 tensor and one piece of it, whatever the model size.
 """
