@@ -379,19 +379,21 @@ def baseline_worker(src_uri: str, dst_uri: str, tmp: Path) -> dict[str, Any]:
 # --- the benchmark ---------------------------------------------------------------------------------
 
 
-def job_spec(name: str, src_uri: str, out_uri: str, target: str) -> dict[str, Any]:
+FP8_DYNAMIC_CONFIG = {
+    "ModelQuantizationConfig": {"OverrideEnvironment": {"OPTION_QUANTIZE": "fp8", "OPTION_FP8_SCHEME": "FP8_DYNAMIC"}}
+}
+
+
+def job_spec(
+    name: str, src_uri: str, out_uri: str, target: str, config: dict[str, Any] = FP8_DYNAMIC_CONFIG
+) -> dict[str, Any]:
+    """The benchmark's CreateOptimizationJob request; ``config`` is its one OptimizationConfig."""
     return {
         "OptimizationJobName": name,
         "RoleArn": "arn:aws:iam::111122223333:role/service-role/Bench",
         "ModelSource": {"S3": {"S3Uri": src_uri}},
         "DeploymentInstanceType": target,
-        "OptimizationConfigs": [
-            {
-                "ModelQuantizationConfig": {
-                    "OverrideEnvironment": {"OPTION_QUANTIZE": "fp8", "OPTION_FP8_SCHEME": "FP8_DYNAMIC"}
-                }
-            }
-        ],
+        "OptimizationConfigs": [config],
         "OutputConfig": {"S3OutputLocation": out_uri},
         "StoppingCondition": {"MaxRuntimeInSeconds": 36000},
     }

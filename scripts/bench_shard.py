@@ -48,20 +48,6 @@ import bench_pipeline as synth  # noqa: E402
 MiB = 2**20
 
 
-def job_spec(name: str, src_uri: str, out_uri: str, target: str, degree: int) -> dict[str, Any]:
-    return {
-        "OptimizationJobName": name,
-        "RoleArn": "arn:aws:iam::111122223333:role/service-role/Bench",
-        "ModelSource": {"S3": {"S3Uri": src_uri}},
-        "DeploymentInstanceType": target,
-        "OptimizationConfigs": [
-            {"ModelShardingConfig": {"OverrideEnvironment": {"OPTION_TENSOR_PARALLEL_DEGREE": str(degree)}}}
-        ],
-        "OutputConfig": {"S3OutputLocation": out_uri},
-        "StoppingCondition": {"MaxRuntimeInSeconds": 36000},
-    }
-
-
 def measure_arch(server: Any, arch: Any, opts: argparse.Namespace, work: Path) -> dict[str, Any]:
     model_dir, facts = synth.synthetic_checkpoint(arch)
     size = synth.dir_bytes(model_dir)
@@ -99,7 +85,10 @@ def measure_arch(server: Any, arch: Any, opts: argparse.Namespace, work: Path) -
     synth.delete_prefix(client, out_bucket, "copy/")
 
     spec = work / f"{arch.name}-spec.json"
-    spec.write_text(json.dumps(job_spec("bench-shard", src_uri, f"s3://{out_bucket}/optjob/", opts.target, opts.tp)))
+    sharding = {"ModelShardingConfig": {"OverrideEnvironment": {"OPTION_TENSOR_PARALLEL_DEGREE": str(opts.tp)}}}
+    spec.write_text(
+        json.dumps(synth.job_spec("bench-shard", src_uri, f"s3://{out_bucket}/optjob/", opts.target, sharding))
+    )
     home = work / f"{arch.name}-home"
     job = measured("c_optjob_run", [sys.executable, "-m", "optjob", "run", str(spec)],
                    {"OPTJOB_HOME": str(home), "PYTHONPATH": str(bench_common.REPO_ROOT)})  # fmt: skip

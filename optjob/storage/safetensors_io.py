@@ -157,16 +157,10 @@ class ShardWriter:
         self.bytes_written = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        tensor = tensor.detach().contiguous().cpu()
-        dtype = TORCH_TO_ST.get(tensor.dtype)
-        if dtype is None:
-            raise ValueError(f"{name}: dtype {tensor.dtype} cannot be stored in safetensors")
-        data = tensor.reshape(-1).view(torch.uint8) if tensor.numel() else torch.empty(0, dtype=torch.uint8)
-        self._file.write(memoryview(data.numpy()))
-        self._record(name, dtype, list(tensor.shape), data.numel())
+        self.add_blocks(name, list(tensor.shape), tensor.dtype, [tensor])
 
     def add_blocks(self, name: str, shape: list[int], dtype: torch.dtype, blocks: Iterable[torch.Tensor]) -> None:
-        """Append a tensor given as consecutive row blocks, so it is never in memory whole."""
+        """Append a tensor given as consecutive row blocks, so it need never be in memory whole."""
         st_dtype = TORCH_TO_ST.get(dtype)
         if st_dtype is None:
             raise ValueError(f"{name}: dtype {dtype} cannot be stored in safetensors")
@@ -174,9 +168,10 @@ class ShardWriter:
         for block in blocks:
             if block.dtype != dtype:
                 raise ValueError(f"{name}: a {block.dtype} block in a {dtype} tensor")
-            data = block.detach().contiguous().reshape(-1).view(torch.uint8)
-            if data.numel():
-                self._file.write(memoryview(data.numpy()))
+            if not block.numel():
+                continue
+            data = block.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+            self._file.write(memoryview(data.numpy()))
             length += data.numel()
         self._record(name, st_dtype, list(shape), length)
 

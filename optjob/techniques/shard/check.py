@@ -19,6 +19,7 @@ that no rank's file waits for the others, and none is uploaded unchecked.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,19 +101,17 @@ def check_tiling(geo: Geometry, degree: int, entry: Entry, shapes: dict[str, lis
     """The ranks' regions put every source tensor of ``entry`` back together exactly (shapes only)."""
     if entry.split == "buffer":
         return
-    covered: dict[str, list[tuple[int, int, int]]] = {name: [] for name in entry.sources}
+    covered: dict[str, Counter[tuple[int, int]]] = {name: Counter() for name in entry.sources}
     for rank in range(degree):
         for region in regions(geo, degree, entry, rank, shapes):
-            if region.source is None:
-                continue
-            span = region.cols if region.cols is not None else region.rows or (0, shapes[region.source][0])
-            covered[region.source].append((*span, rank))
+            if region.source is not None:
+                span = region.cols if region.cols is not None else region.rows or (0, shapes[region.source][0])
+                covered[region.source][span] += 1  # how many ranks hold this span
     for name, spans in covered.items():
         axis = 1 if entry.split == "columns" else 0
         length, unit = shapes[name][axis], ("rows", "columns")[axis]
-        distinct = sorted({(a, b) for a, b, _ in spans})
         at = 0
-        for a, b in distinct:  # distinct spans must tile [0, length) without gaps or overlaps
+        for a, b in sorted(spans):  # distinct spans must tile [0, length) without gaps or overlaps
             if a != at or b <= a:
                 raise VerificationFailed(
                     f"sharding gate: the ranks' pieces of {entry.name} do not put {name} back together "
@@ -125,9 +124,7 @@ def check_tiling(geo: Geometry, degree: int, entry: Entry, shapes: dict[str, lis
             )
         if entry.split == "vocab":  # ranks past the vocabulary hold only padding
             continue
-        per_span = {(a, b): sum(1 for x, y, _ in spans if (x, y) == (a, b)) for a, b in distinct}
-        expected = degree // len(distinct)
-        if any(count != expected for count in per_span.values()):
+        if any(count != degree // len(spans) for count in spans.values()):
             raise VerificationFailed(
                 f"sharding gate: {name} is not spread evenly over the {degree} ranks in {entry.name}; {_DEFECT}"
             )

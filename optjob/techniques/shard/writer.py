@@ -46,6 +46,12 @@ class SourceTensors:
         self._where: dict[str, ShardReader] = {}
         self.used: set[str] = set()
 
+    def _open(self, path: Path) -> None:
+        reader = ShardReader(path)
+        self._readers.append(reader)
+        for tensor in reader.names():
+            self._where.setdefault(tensor, reader)
+
     def _reader(self, name: str) -> ShardReader:
         while name not in self._where:
             path = next(self._pending, None)
@@ -54,10 +60,7 @@ class SourceTensors:
                     f"the checkpoint has no tensor {name}, which vLLM's model holds; re-export the model with "
                     "all its weights (or check that config.json matches the checkpoint)"
                 )
-            reader = ShardReader(path)
-            self._readers.append(reader)
-            for tensor in reader.names():
-                self._where.setdefault(tensor, reader)
+            self._open(path)
         self.used.add(name)
         return self._where[name]
 
@@ -79,9 +82,7 @@ class SourceTensors:
     def unused(self, geo: Geometry) -> list[str]:
         """Source tensors vLLM's model has no place for (after every shard has been opened)."""
         for path in self._pending:
-            self._readers.append(reader := ShardReader(path))
-            for tensor in reader.names():
-                self._where.setdefault(tensor, reader)
+            self._open(path)
         left = sorted(set(self._where) - self.used)
         if geo.tied:  # vLLM ties the LM head to the embedding and skips a stored copy
             left = [name for name in left if name != "lm_head.weight"]
