@@ -27,7 +27,7 @@ from optjob.jobs.outcomes import (
 from optjob.pipeline.stage import StageContext, technique_for
 from optjob.targets.catalog import instance
 from optjob.testing import build_tiny_llama
-from tests.stage_support import run_quantization_stage
+from tests.stage_support import bnb_saving_scrambled, run_quantization_stage
 
 
 def _formed(reason: str) -> str:
@@ -108,7 +108,7 @@ def test_failed_gate_reason_is_formed(tmp_path: Path, monkeypatch: pytest.Monkey
     from optjob.techniques.quantize import engines
 
     original = engines.bnb_quantize
-    monkeypatch.setattr(engines, "bnb_quantize", lambda *a, **k: original(*a, **{**k, "save_after_forward": True}))
+    monkeypatch.setattr(engines, "bnb_quantize", bnb_saving_scrambled(original))
     model = build_tiny_llama(tmp_path / "m")
     exc = _run(model, {"OPTION_QUANTIZE": "nf4", "OPTION_BNB_DOUBLE_QUANT": "false"}, tmp_path)
     assert isinstance(exc, VerificationFailed)

@@ -17,6 +17,7 @@ from optjob.techniques.quantize.params import parse_params
 from optjob.testing import build_tiny_llama
 from optjob.verify.gate import evaluate, judge, run_gate, thresholds_for
 from optjob.verify.tensors import compare_checkpoints
+from tests.stage_support import bnb_saving_scrambled
 
 
 class _Config(BaseModel):
@@ -74,7 +75,7 @@ def test_nf4_saved_after_forward_is_caught(tiny, tmp_path):
     params = parse_params({"OPTION_QUANTIZE": "nf4", "OPTION_BNB_DOUBLE_QUANT": "false"})
     good, bad = tmp_path / "good", tmp_path / "bad"
     engines.bnb_quantize(tiny, good, params, dtype="fp32")
-    engines.bnb_quantize(tiny, bad, params, dtype="fp32", save_after_forward=True)
+    bnb_saving_scrambled(engines.bnb_quantize)(tiny, bad, params, dtype="fp32")
     good_fig = compare_checkpoints(tiny, good).as_dict()
     bad_fig = compare_checkpoints(tiny, bad).as_dict()
     assert evaluate("nf4", good_fig, None) == []
@@ -84,7 +85,7 @@ def test_nf4_saved_after_forward_is_caught(tiny, tmp_path):
 
 def test_failed_gate_fails_the_job_and_publishes_nothing(tiny, tmp_path, monkeypatch):
     original = engines.bnb_quantize
-    monkeypatch.setattr(engines, "bnb_quantize", lambda *a, **k: original(*a, **{**k, "save_after_forward": True}))
+    monkeypatch.setattr(engines, "bnb_quantize", bnb_saving_scrambled(original))
     tech = technique_for("ModelQuantizationConfig")
     spec = instance("ml.g6.xlarge")
     stage = tech.plan(_Config(), {"OPTION_QUANTIZE": "nf4", "OPTION_BNB_DOUBLE_QUANT": "false"}, spec, path="p")

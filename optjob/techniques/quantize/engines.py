@@ -253,13 +253,8 @@ def bnb_quantize(
     params: QuantizationParams,
     *,
     dtype: str,
-    save_after_forward: bool = False,
 ) -> dict[str, Any]:
-    """bitsandbytes NF4 / LLM.int8 through transformers; saved before any forward pass.
-
-    ``save_after_forward`` exists only so tests can reproduce the NF4 corruption and prove the
-    verify gate catches it; production code never sets it.
-    """
+    """bitsandbytes NF4 / LLM.int8 through transformers; saved before any forward pass."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     compute = torch_dtype(dtype) or torch.bfloat16
@@ -274,9 +269,6 @@ def bnb_quantize(
     else:
         bnb = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=params.ignore)
     model = AutoModelForCausalLM.from_pretrained(input_dir, quantization_config=bnb, dtype=compute, device_map="cpu")
-    if save_after_forward:
-        with torch.no_grad():
-            model(input_ids=torch.tensor([[1, 2, 3, 4]]))
     model.save_pretrained(output_dir)  # before any forward: see module docstring
     tokenizer = load_tokenizer(input_dir)
     if tokenizer.ok:
