@@ -113,7 +113,8 @@ def test_layer_by_layer_equals_the_whole_model_comparison(tiny: Path, nf4_out: P
     assert torch.equal(stats.same_top1, whole.same_top1)
     torch.testing.assert_close(stats.margin, whole.margin, atol=1e-4, rtol=1e-4)
     layered, reference = _figures(stats), _figures(whole)
-    assert layered["mean_kl"] == pytest.approx(reference["mean_kl"], rel=1e-3) and layered["mean_kl"] > 0
+    # the same absolute tolerance as per position: NF4's CPU kernels differ by host (AVX-512 or not)
+    assert layered["mean_kl"] == pytest.approx(reference["mean_kl"], rel=1e-3, abs=1e-6) and layered["mean_kl"] > 0
     for key in ("top1_agreement", "confident_top1_agreement", "confident_positions", "positions"):
         assert layered[key] == reference[key]
 
