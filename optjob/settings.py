@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_ACCOUNT = "000000000000"
 DEFAULT_REGION = "us-east-1"
+ROLES_FILE_ENV = "OPTJOB_ROLES_FILE"
+ASSUME_ROLE_ENV = "OPTJOB_ASSUME_ROLE"
+RoleCredentials = Literal["ambient", "roles-file", "sts"]
 
 
 class Settings(BaseModel):
@@ -25,6 +29,23 @@ class Settings(BaseModel):
     max_active_jobs: int = Field(20, ge=1, description="non-terminal jobs before ResourceLimitExceeded")
     executor_slots: int = Field(1, ge=1, description="jobs that run at once on this host")
     stop_grace_s: float = Field(120.0, gt=0, description="SIGTERM-to-SIGKILL grace for a stopping job")
+    role_credentials: RoleCredentials = Field(
+        "ambient",
+        description="where a job's S3 credentials come from: 'ambient' (optjob's own AWS credential chain, "
+        "RoleArn recorded only), 'roles-file' (the role's keys in roles_file) or 'sts' (AssumeRole)",
+    )
+    roles_file: Path | None = Field(None, description="INI file: role ARN sections with that role's keys")
+
+    @model_validator(mode="after")
+    def _roles_file_given(self) -> Settings:
+        if (self.role_credentials == "roles-file") != (self.roles_file is not None):
+            raise ValueError("role_credentials 'roles-file' and roles_file go together")
+        return self
+
+    @property
+    def role_source(self) -> str:
+        """What a job created now records as its credentials' source (a path, never a secret)."""
+        return f"roles-file:{self.roles_file}" if self.roles_file is not None else self.role_credentials
 
     @property
     def db_path(self) -> Path:
@@ -46,7 +67,8 @@ class Settings(BaseModel):
         return f"arn:{self.partition}:sagemaker:{self.region}:{self.account_id}:optimization-job/{name}"
 
 
-def _partition(region: str) -> str:
+def partition_of(region: str) -> str:
+    """The ARN partition a region belongs to."""
     if region.startswith("cn-"):
         return "aws-cn"
     if region.startswith("us-gov-"):
@@ -62,7 +84,7 @@ def load_settings(**overrides: object) -> Settings:
         "home": Path(env.get("OPTJOB_HOME") or Path.home() / ".optjob").expanduser(),
         "region": region,
         "account_id": env.get("OPTJOB_ACCOUNT_ID", DEFAULT_ACCOUNT),
-        "partition": _partition(region),
+        "partition": partition_of(region),
     }
     for key, var in (
         ("max_active_jobs", "OPTJOB_MAX_ACTIVE_JOBS"),
@@ -71,5 +93,10 @@ def load_settings(**overrides: object) -> Settings:
     ):
         if env.get(var):
             values[key] = env[var]
+    if env.get(ROLES_FILE_ENV):
+        values["role_credentials"] = "roles-file"
+        values["roles_file"] = Path(env[ROLES_FILE_ENV]).expanduser().absolute()
+    elif env.get(ASSUME_ROLE_ENV) == "1":
+        values["role_credentials"] = "sts"
     values.update(overrides)
     return Settings.model_validate(values)

@@ -35,7 +35,7 @@ def test_wal_mode_and_schema_version(settings: Settings) -> None:
     Store(settings.db_path)
     conn = sqlite3.connect(settings.db_path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
 
 
 def _hammer(home: str, worker: int, results: multiprocessing.Queue) -> None:  # runs in a child process

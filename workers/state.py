@@ -111,10 +111,13 @@ class ControlPlaneState:
         self.name = request.optimization_job_name
         self.arn = settings.job_arn(self.name)
         self._last_event = 0.0
-        existing = self.store.get(self.name)
+        existing = self.store.find(settings.account_id, settings.region, self.name)
         if existing is None:
             # start_executor=False: this worker runs the job; a local executor must not start another.
-            JobService(settings, store=self.store, start_executor=False).create(request)
+            # It runs with the credentials the scheduler gave its container (the job role of Batch,
+            # IRSA on Kubernetes), so the record says ambient whatever a roles file elsewhere says.
+            ambient = settings.model_copy(update={"role_credentials": "ambient", "roles_file": None})
+            JobService(ambient, store=self.store, start_executor=False).create(request)
         elif existing.status != "STARTING" or existing.worker_pid is not None:
             raise ResourceInUse(
                 f"Optimization job '{self.name}' already exists in the control plane at {settings.db_path} "
@@ -122,13 +125,14 @@ class ControlPlaneState:
                 + (f" and worker pid {existing.worker_pid}" if existing.worker_pid else "")
                 + "; job names must be unique. This worker did not touch it"
             )
-        record = self.store.get(self.name)
+        record = self.store.find(settings.account_id, settings.region, self.name)
         assert record is not None
+        self.key = record.job_key
         self.log = JobLog(record.log_path)
 
     @property
     def record(self) -> JobRecord:
-        record = self.store.get(self.name)
+        record = self.store.get(self.key)
         if record is None:
             raise RuntimeError(f"job {self.name} disappeared from {self.settings.db_path}")
         return record
@@ -139,7 +143,7 @@ class ControlPlaneState:
     def start(self) -> bool:
         pid = os.getpid()
         claimed = self.store.transition(
-            self.name, expect=("STARTING",), to="INPROGRESS", start_time=now_ms(),
+            self.key, expect=("STARTING",), to="INPROGRESS", start_time=now_ms(),
             worker_pid=pid, worker_ctime=process_ctime(pid), where_pid=(None, pid),
         )  # fmt: skip
         if claimed:
@@ -147,34 +151,34 @@ class ControlPlaneState:
         return claimed
 
     def complete(self, image: str | None) -> bool:
-        done = self.store.transition(self.name, expect=("INPROGRESS", "STOPPING"), to="COMPLETED", output_image=image)
+        done = self.store.transition(self.key, expect=("INPROGRESS", "STOPPING"), to="COMPLETED", output_image=image)
         if done:
             self.log.write("lifecycle", "COMPLETED", "published by optjob-worker")
         return done
 
     def fail(self, reason: str, category: str) -> None:
-        if not fail(self.store, self.name, reason, expect=("STARTING", "INPROGRESS"), category=category):
-            end_stopping(self.store, self.name, f"ended while failing: {clip_reason(reason)}")
+        if not fail(self.store, self.key, reason, expect=("STARTING", "INPROGRESS"), category=category):
+            end_stopping(self.store, self.key, f"ended while failing: {clip_reason(reason)}")
 
     def stopping(self, why: str) -> None:
         now = now_ms()
-        if self.store.transition(self.name, expect=("STARTING", "INPROGRESS"), to="STOPPING",
+        if self.store.transition(self.key, expect=("STARTING", "INPROGRESS"), to="STOPPING",
                                  stop_reason=why, stop_requested_at=now):  # fmt: skip
             self.log.write("lifecycle", "STOPPING", f"optjob-worker stopping ({why})")
 
     def stopped(self, note: str) -> None:
-        end_stopping(self.store, self.name, note)
+        end_stopping(self.store, self.key, note)
 
     def record_event(self, data: dict[str, Any]) -> None:
         self.log.append({**data, "time": round(float(data.get("time", time.time())), 3)})
         now = time.monotonic()
         if now - self._last_event >= self._EVENT_INTERVAL_S:
-            self.store.record_event(self.name, data)
+            self.store.record_event(self.key, data)
             self._last_event = now
 
     def stop_requested(self) -> str | None:
         """``user`` or ``timeout`` once StopOptimizationJob (or an executor's timeout) marked the job."""
-        record = self.store.get(self.name)
+        record = self.store.get(self.key)
         if record is not None and record.status == "STOPPING":
             return record.stop_reason or "user"
         return None

@@ -3,12 +3,17 @@
 ``POST /`` with ``X-Amz-Target: SageMaker.<Operation>``; answers ``application/x-amz-json-1.1``
 with an ``x-amzn-RequestId`` on every response. Errors are HTTP 400 ``{"__type", "message"}``
 with the model's codes (auth failures use AWS's codes and statuses); 5xx only for real faults.
+
+The signature says who is calling: the key's principal and account, and the region of its
+credential scope. That caller goes to the service with every operation, and every call, allowed
+or not, is one line of the audit log.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -19,17 +24,21 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from optjob.api.audit import AuditLog
 from optjob.api.errors import ApiError, InternalFailure, SerializationException, UnknownOperationException
+from optjob.api.principals import Principal
 from optjob.api.shapes import OPERATIONS
 from optjob.api.sigv4 import IncomingRequest, verify
+from optjob.jobs.tenancy import Caller
 
 CONTENT_TYPE = "application/x-amz-json-1.1"
 TARGET_PREFIX = "SageMaker."
 log = logging.getLogger("optjob.server")
+_CREDENTIAL_KEY = re.compile(r"Credential=([^/,\s]+)/")
 
 
 class Service(Protocol):
-    def handle(self, operation: str, request: dict[str, Any]) -> dict[str, Any]: ...
+    def handle(self, operation: str, request: dict[str, Any], caller: Caller | None = None) -> dict[str, Any]: ...
 
 
 def _response(status: int, payload: dict[str, Any], request_id: str) -> Response:
@@ -45,9 +54,16 @@ def _error(exc: ApiError, request_id: str) -> Response:
     return _response(exc.http_status, exc.to_wire(), request_id)
 
 
-def create_app(service_factory: Callable[[], Service], keys: dict[str, str] | None) -> Starlette:
-    """The ASGI app. ``keys`` maps access key ids to secrets; ``None`` disables authentication."""
+def create_app(
+    service_factory: Callable[[], Service],
+    principals: dict[str, Principal] | None,
+    audit: AuditLog | None = None,
+    anonymous: Caller | None = None,
+) -> Starlette:
+    """The ASGI app. ``principals`` maps access key ids to callers; ``None`` disables authentication
+    and every request is ``anonymous`` (None: the service's home caller)."""
     service_holder: list[Service] = []
+    secrets = {key: p.secret_access_key for key, p in (principals or {}).items()}
 
     def service() -> Service:
         if not service_holder:
@@ -57,9 +73,14 @@ def create_app(service_factory: Callable[[], Service], keys: dict[str, str] | No
     async def endpoint(request: Request) -> Response:
         request_id = str(uuid.uuid4())
         body = await request.body()
+        target = request.headers.get("x-amz-target", "")
+        operation = target[len(TARGET_PREFIX) :] if target.startswith(TARGET_PREFIX) else ""
+        caller: Caller | None = anonymous
+        data: Any = None
+        outcome = "Success"
         try:
-            if keys is not None:
-                verify(
+            if principals is not None:
+                signer = verify(
                     IncomingRequest(
                         method=request.method,
                         path=request.url.path,
@@ -67,10 +88,10 @@ def create_app(service_factory: Callable[[], Service], keys: dict[str, str] | No
                         headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw],
                         body=body,
                     ),
-                    keys,
+                    secrets,
                 )
-            target = request.headers.get("x-amz-target", "")
-            operation = target[len(TARGET_PREFIX) :] if target.startswith(TARGET_PREFIX) else ""
+                principal = principals[signer.access_key_id]
+                caller = Caller(principal.account_id, signer.region, principal.name)
             if operation not in OPERATIONS:
                 known = ", ".join(f"{TARGET_PREFIX}{op}" for op in OPERATIONS)
                 raise UnknownOperationException(
@@ -84,12 +105,35 @@ def create_app(service_factory: Callable[[], Service], keys: dict[str, str] | No
                 raise SerializationException(f"Request body is not valid JSON: {exc}") from None
             if not isinstance(data, dict):
                 raise SerializationException("Request body must be a JSON object")
-            result = await run_in_threadpool(service().handle, operation, data)
+            result = await run_in_threadpool(service().handle, operation, data, caller)
             return _response(200, result or {}, request_id)
         except ApiError as exc:
+            outcome = exc.code
             return _error(exc, request_id)
         except Exception:  # a real fault: log it with the request id, answer 500 without internals
+            outcome = InternalFailure.code
             log.exception("request %s failed", request_id)
             return _error(InternalFailure(f"Internal server error (request id {request_id})"), request_id)
+        finally:
+            if audit is not None:
+                _audit(audit, request, operation or target, outcome, request_id, caller, data)
 
     return Starlette(routes=[Route("/", endpoint, methods=["POST"])])
+
+
+def _audit(
+    audit: AuditLog, request: Request, operation: str, outcome: str, request_id: str, caller: Caller | None, data: Any
+) -> None:
+    key = _CREDENTIAL_KEY.search(request.headers.get("authorization", ""))
+    name = data.get("OptimizationJobName") if isinstance(data, dict) else None
+    audit.record(
+        operation=operation or "(none)",
+        outcome=outcome,
+        request_id=request_id,
+        account_id=caller.account_id if caller else None,
+        principal=caller.principal if caller else None,
+        access_key_id=key.group(1) if key else None,
+        region=caller.region if caller else None,
+        job_name=name if isinstance(name, str) else None,
+        source_ip=request.client.host if request.client else None,
+    )

@@ -8,12 +8,10 @@ use the codes AWS returns, so botocore raises what a user already knows how to r
 
 from __future__ import annotations
 
-import configparser
 import hmac
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
@@ -47,38 +45,20 @@ class UnrecognizedClient(ApiError):
 
 
 @dataclass(frozen=True)
+class Signer:
+    """Who signed a verified request: the access key id and the region of its credential scope."""
+
+    access_key_id: str
+    region: str
+
+
+@dataclass(frozen=True)
 class IncomingRequest:
     method: str
     path: str
     query: str
     headers: list[tuple[str, str]]  # as received, names in any case, repeats kept
     body: bytes
-
-
-def load_keys(credentials_file: str | Path | None = None) -> dict[str, str]:
-    """Access key id -> secret, from an AWS-credentials-format file and/or ``OPTJOB_AUTH_KEYS``.
-
-    The file is the same INI format as ``~/.aws/credentials`` (every section's
-    ``aws_access_key_id``/``aws_secret_access_key`` pair is accepted); ``OPTJOB_AUTH_KEYS`` holds
-    ``AKID:SECRET`` pairs separated by commas.
-    """
-    keys: dict[str, str] = {}
-    path = credentials_file or os.environ.get("OPTJOB_CREDENTIALS_FILE")
-    if path:
-        parser = configparser.ConfigParser()
-        if not parser.read(path):
-            raise FileNotFoundError(f"credentials file {path} cannot be read")
-        for section in parser.sections():
-            key_id = parser.get(section, "aws_access_key_id", fallback=None)
-            secret = parser.get(section, "aws_secret_access_key", fallback=None)
-            if key_id and secret:
-                keys[key_id.strip()] = secret.strip()
-    for pair in filter(None, (p.strip() for p in os.environ.get("OPTJOB_AUTH_KEYS", "").split(","))):
-        key_id, sep, secret = pair.partition(":")
-        if not sep or not key_id or not secret:
-            raise ValueError("OPTJOB_AUTH_KEYS must be AKID:SECRET pairs separated by commas")
-        keys[key_id] = secret
-    return keys
 
 
 def _parse_authorization(value: str) -> dict[str, str]:
@@ -98,8 +78,10 @@ def _parse_authorization(value: str) -> dict[str, str]:
     return fields
 
 
-def verify(request: IncomingRequest, keys: dict[str, str], *, now: datetime | None = None) -> str:
-    """Check the request's SigV4 signature; return the access key id or raise an ApiError."""
+def verify(request: IncomingRequest, keys: Mapping[str, str], *, now: datetime | None = None) -> Signer:
+    """Check the request's SigV4 signature against ``keys`` (access key id -> secret).
+
+    Returns who signed it, or raises an ApiError with AWS's code."""
     headers: dict[str, list[str]] = {}
     for name, value in request.headers:
         headers.setdefault(name.lower(), []).append(value)
@@ -154,4 +136,4 @@ def verify(request: IncomingRequest, keys: dict[str, str], *, now: datetime | No
             "The request signature we calculated does not match the signature you provided. Check your "
             "AWS Secret Access Key and signing method."
         )
-    return key_id
+    return Signer(key_id, region)

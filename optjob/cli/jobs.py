@@ -256,7 +256,7 @@ def logs(
         ensure_executor(service.settings)
 
     def done() -> bool:
-        current = service.store.get(name)
+        current = service.store.get(record.job_key)
         return current is None or current.terminal
 
     for entry in follow(Path(record.log_path), done=done, follow=follow_):

@@ -10,13 +10,39 @@ import typer
 from rich.console import Console
 
 from optjob.api.app import NO_AUTH_ENV
-from optjob.api.sigv4 import load_keys
+from optjob.api.audit import AUDIT_LOG_ENV
+from optjob.api.principals import CREDENTIALS_FILE_ENV, accounts, load_principals
 from optjob.cli import app
 from optjob.jobs.daemon import hosted_executor
-from optjob.settings import load_settings
+from optjob.secret_files import SecretFileError
+from optjob.settings import ASSUME_ROLE_ENV, ROLES_FILE_ENV, load_settings
+from optjob.storage.credentials import roles_in_file
+
+# Rich markup renders the help: section headers are escaped so they print as written.
+_EPILOG = """\
+Credentials file (--credentials-file), one section per principal; aws_account_id puts the key in
+that account (omitted: the home account, OPTJOB_ACCOUNT_ID, 000000000000 by default):
+
+    \\[team-a-ci]
+    aws_access_key_id = AKIAEXAMPLETEAMA0001
+    aws_secret_access_key = ...
+    aws_account_id = 111122223333
+
+Roles file (--roles-file), one section per role ARN with the keys a job with that role gets on
+S3 (aws_session_token optional):
+
+    \\[arn:aws:iam::111122223333:role/team-a-optjob]
+    aws_access_key_id = TEAMAROLEKEY
+    aws_secret_access_key = ...
+
+Both files must be readable by their owner only (chmod 600). Each account sees only its own
+jobs; a job may name only a role of its caller's account. Without --roles-file or --assume-role,
+jobs use optjob's own AWS credentials and RoleArn is recorded only: that is allowed for one
+account and refused when the credentials file names several.
+"""
 
 
-@app.command()
+@app.command(epilog=_EPILOG)
 def serve(
     host: Annotated[str, typer.Option(help="Address to bind. Anything but loopback exposes the API.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
@@ -24,9 +50,28 @@ def serve(
     credentials_file: Annotated[
         Path | None,
         typer.Option(
-            help="Access keys accepted for SigV4, in ~/.aws/credentials format (every section's "
-            "aws_access_key_id/aws_secret_access_key). OPTJOB_AUTH_KEYS=AKID:SECRET,... also works.",
+            help="Who may call: access keys in ~/.aws/credentials format, one section per principal, with "
+            "optional aws_account_id. OPTJOB_AUTH_KEYS=AKID:SECRET,... adds home-account keys.",
         ),
+    ] = None,
+    roles_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Run each job with its RoleArn's keys from this INI file (sections are role ARNs): for "
+            "S3-compatible stores without STS.",
+        ),
+    ] = None,
+    assume_role: Annotated[
+        bool,
+        typer.Option(
+            "--assume-role",
+            help="Run each job with temporary credentials from sts:AssumeRole on its RoleArn (session name: "
+            "the job's name), as SageMaker does on AWS.",
+        ),
+    ] = False,
+    audit_log: Annotated[
+        Path | None,
+        typer.Option(help="JSON-lines audit log of every API call. Default: OPTJOB_HOME/audit.log."),
     ] = None,
     no_auth: Annotated[
         bool, typer.Option("--no-auth", help="Accept unsigned requests. Local development only.")
@@ -41,8 +86,25 @@ def serve(
     import uvicorn
 
     console = Console(stderr=True)
+
+    def refuse(message: str) -> None:
+        console.print(f"optjob serve: {message}", style="red", markup=False, highlight=False)
+        raise typer.Exit(2)
+
+    if roles_file is not None and assume_role:
+        refuse("give --roles-file or --assume-role, not both")
     if credentials_file is not None:
-        os.environ["OPTJOB_CREDENTIALS_FILE"] = str(credentials_file)
+        os.environ[CREDENTIALS_FILE_ENV] = str(credentials_file)
+    if roles_file is not None:
+        os.environ[ROLES_FILE_ENV] = str(roles_file.expanduser().absolute())
+        try:
+            roles_in_file(roles_file)
+        except SecretFileError as exc:
+            refuse(str(exc))
+    if assume_role:
+        os.environ[ASSUME_ROLE_ENV] = "1"
+    settings = load_settings()
+    os.environ[AUDIT_LOG_ENV] = str(audit_log or settings.home / "audit.log")
     if no_auth:
         os.environ[NO_AUTH_ENV] = "1"
         console.print(
@@ -53,26 +115,40 @@ def serve(
         )
     else:
         os.environ.pop(NO_AUTH_ENV, None)
-        keys = load_keys()
-        if not keys:
-            console.print(
-                "optjob serve: no credentials configured. Give --credentials-file, set "
-                "OPTJOB_AUTH_KEYS=AKID:SECRET, or pass --no-auth for local development only.",
-                style="red",
-                markup=False,
+        try:
+            principals = load_principals(settings.account_id)
+        except (SecretFileError, ValueError) as exc:
+            refuse(str(exc))
+        if not principals:
+            refuse(
+                "no credentials configured. Give --credentials-file, set OPTJOB_AUTH_KEYS=AKID:SECRET, or pass "
+                "--no-auth for local development only."
             )
-            raise typer.Exit(2)
+        tenants = accounts(principals)
+        if len(tenants) > 1 and settings.role_credentials == "ambient":
+            refuse(
+                f"the credentials file names {len(tenants)} accounts ({', '.join(sorted(tenants))}), so jobs must "
+                "run with their own role's rights, never this server's credentials. Give --roles-file FILE "
+                "(S3-compatible stores) or --assume-role (AWS STS)."
+            )
     url = f"http://{host}:{port}"
+    roles_note = {
+        "ambient": "jobs use this server's AWS credentials; RoleArn is recorded only (single tenant)",
+        "roles-file": f"jobs use their RoleArn's keys from {settings.roles_file}",
+        "sts": "jobs use sts:AssumeRole on their RoleArn",
+    }[settings.role_credentials]
     console.print(
         f"optjob serving the SageMaker optimization-job API at {url}\n"
         f'  boto3:   boto3.client("sagemaker", endpoint_url="{url}")\n'
-        f"  AWS CLI: aws sagemaker list-optimization-jobs --endpoint-url {url}",
+        f"  AWS CLI: aws sagemaker list-optimization-jobs --endpoint-url {url}\n"
+        f"  roles:   {roles_note}\n"
+        f"  audit:   {os.environ[AUDIT_LOG_ENV]}",
         markup=False,
         highlight=False,
     )
     # The executor that runs jobs created over HTTP lives in this process (one per OPTJOB_HOME: if a
     # daemon already holds the executor lock, it keeps running the jobs instead).
-    with hosted_executor(load_settings()):
+    with hosted_executor(settings):
         uvicorn.run(
             "optjob.api.app:make_app",
             factory=True,

@@ -37,12 +37,14 @@ from pathlib import Path
 import psutil
 
 import optjob
+from optjob.api.principals import AUTH_KEYS_ENV
 from optjob.jobs.logs import JobLog
 from optjob.jobs.outcomes import capacity_reason, died_reason, end_stopping, fail
 from optjob.jobs.store import JobRecord, Store, now_ms
 from optjob.jobs.worker import process_ctime
 from optjob.pipeline.scratch import discard, sweep
 from optjob.settings import Settings
+from optjob.storage.credentials import AMBIENT_CREDENTIAL_VARIABLES, ROLES_FILE_PREFIX
 
 DEFAULT_POLL_S = 0.2
 
@@ -51,7 +53,7 @@ DEFAULT_POLL_S = 0.2
 class Tracked:
     """A worker process this executor watches; ``popen`` is None for one adopted after a restart."""
 
-    name: str
+    key: str  # the job's job_key
     pid: int
     ctime: float | None
     log_path: str
@@ -88,9 +90,20 @@ def is_same_process(pid: int, ctime: float | None) -> bool:
         return False
 
 
-def worker_environment(settings: Settings) -> dict[str, str]:
-    """The worker's environment: ours, pinned to this data directory, with optjob importable."""
+def worker_environment(settings: Settings, job: JobRecord | None = None) -> dict[str, str]:
+    """The environment of a process we start: ours, pinned to this data directory, with optjob importable.
+
+    For a job's worker (``job`` given) the server's API keys are left out, and so are optjob's
+    own AWS credentials when the job's role keys come from a roles file: a job's process never
+    holds what it has no use for. (With STS the worker needs them for sts:AssumeRole alone, and
+    drops them once it holds the role's credentials.)
+    """
     env = dict(os.environ)
+    if job is not None:
+        env.pop(AUTH_KEYS_ENV, None)
+        if job.role_source.startswith(ROLES_FILE_PREFIX):
+            for variable in AMBIENT_CREDENTIAL_VARIABLES:
+                env.pop(variable, None)
     env["OPTJOB_HOME"] = str(settings.home)
     root = str(Path(optjob.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -138,7 +151,7 @@ class Executor:
         jobs = self.store.active()
         queued: list[JobRecord] = []
         for job in jobs:
-            tracked = self.workers.get(job.name)
+            tracked = self.workers.get(job.job_key)
             if tracked is None and job.worker_pid is not None:
                 tracked = self._adopt(job)
                 if tracked is None:
@@ -149,7 +162,7 @@ class Executor:
                 if tracked is not None:
                     self._signal(tracked)
                 else:
-                    end_stopping(self.store, job.name, "stopped before a worker started; nothing ran")
+                    end_stopping(self.store, job.job_key, "stopped before a worker started; nothing ran")
             elif job.status == "STARTING" and tracked is None:
                 queued.append(job)
         free = self.settings.executor_slots - len(self.workers)
@@ -166,16 +179,16 @@ class Executor:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         with open(out_path, "ab") as out:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "optjob.jobs.worker", job.name],
+                [sys.executable, "-m", "optjob.jobs.worker", job.job_key],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env=worker_environment(self.settings),
+                env=worker_environment(self.settings, job),
                 start_new_session=True,  # Ctrl-C and our own death must not reach the worker
             )
         ctime = process_ctime(popen.pid)
         recorded = self.store.transition(
-            job.name,
+            job.job_key,
             expect=("STARTING", "STOPPING"),
             worker_pid=popen.pid,
             worker_ctime=ctime,
@@ -185,7 +198,7 @@ class Executor:
             popen.kill()
             popen.wait()
             return
-        self.workers[job.name] = Tracked(job.name, popen.pid, ctime, job.log_path, popen=popen)
+        self.workers[job.job_key] = Tracked(job.job_key, popen.pid, ctime, job.log_path, popen=popen)
         JobLog(job.log_path).write("executor", "spawned", f"worker pid {popen.pid}")
 
     def _check_pending(self, job: JobRecord) -> None:
@@ -193,7 +206,7 @@ class Executor:
             return
         fail(
             self.store,
-            job.name,
+            job.job_key,
             capacity_reason(job.max_pending_s, self.settings.executor_slots),
             expect=("STARTING",),
             category="capacity",
@@ -212,7 +225,7 @@ class Executor:
     def _time_out(self, job: JobRecord) -> JobRecord:
         now = now_ms(self.clock())
         if self.store.transition(
-            job.name, expect=("INPROGRESS",), to="STOPPING", now=now, stop_reason="timeout", stop_requested_at=now
+            job.job_key, expect=("INPROGRESS",), to="STOPPING", now=now, stop_reason="timeout", stop_requested_at=now
         ):
             JobLog(job.log_path).write(
                 "lifecycle",
@@ -220,7 +233,7 @@ class Executor:
                 f"MaxRuntimeInSeconds ({job.max_runtime_s:g} s) reached; stopping",
                 level="warning",
             )
-        return self.store.get(job.name) or job
+        return self.store.get(job.job_key) or job
 
     def _signal(self, tracked: Tracked) -> None:
         now = time.monotonic()
@@ -243,17 +256,17 @@ class Executor:
     # --- ending ------------------------------------------------------------------------------
 
     def _reap(self) -> None:
-        for name, tracked in list(self.workers.items()):
+        for key, tracked in list(self.workers.items()):
             if not tracked.alive():
-                del self.workers[name]
+                del self.workers[key]
                 self._settle(tracked, tracked.returncode())
 
     def _adopt(self, job: JobRecord) -> Tracked | None:
         """A worker recorded by a previous executor: watch it if alive, settle its job if not."""
         assert job.worker_pid is not None
-        tracked = Tracked(job.name, job.worker_pid, job.worker_ctime, job.log_path)
+        tracked = Tracked(job.job_key, job.worker_pid, job.worker_ctime, job.log_path)
         if tracked.alive():
-            self.workers[job.name] = tracked
+            self.workers[job.job_key] = tracked
             JobLog(job.log_path).write("executor", "adopted", f"watching worker pid {job.worker_pid} again")
             return tracked
         self._settle(tracked, None)
@@ -261,10 +274,10 @@ class Executor:
 
     def _settle(self, tracked: Tracked, returncode: int | None) -> None:
         """The worker is gone: remove its scratch space and end the job if it did not."""
-        record = self.store.get(tracked.name)
+        record = self.store.get(tracked.key)
         if record is not None and record.worker_pid not in (None, tracked.pid):
             return  # not ours (another worker owns the job now)
-        discard(self.settings.work_root / tracked.name)  # a dead worker's scratch; deleted in the background
+        discard(self.settings.work_root / tracked.key)  # a dead worker's scratch; deleted in the background
         log = JobLog(tracked.log_path)
         if returncode is not None:
             log.write("executor", "exited", f"worker pid {tracked.pid} exited with status {returncode}")
@@ -275,12 +288,12 @@ class Executor:
                 note = f"worker did not exit within the {self.settings.stop_grace_s:g} s grace period; killed"
             else:
                 note = "worker ended; partial output discarded"
-            end_stopping(self.store, tracked.name, note)
+            end_stopping(self.store, tracked.key, note)
         else:
             last = _last_line(Path(tracked.log_path).with_suffix(".out"))
             fail(
                 self.store,
-                tracked.name,
+                tracked.key,
                 died_reason(returncode, tracked.pid, last_output=last),
                 category="infrastructure",
             )

@@ -27,12 +27,15 @@ DEFAULT_SORT_ORDER = "Ascending"  # the API reference's documented default
 _SORT_COLUMNS = {"Name": "name", "CreationTime": "creation_time", "Status": "status"}
 
 
-def list_jobs(store: Store, request: ListOptimizationJobsRequest) -> tuple[list[JobRecord], str | None]:
-    """One page of jobs and the token for the next page (None on the last page)."""
+def list_jobs(
+    store: Store, request: ListOptimizationJobsRequest, tenant: tuple[str, str]
+) -> tuple[list[JobRecord], str | None]:
+    """One page of the tenant's (account, region) jobs and the token for the next page (None on the
+    last page). The tenant is part of the token's fingerprint: another account's token is invalid."""
     column = _SORT_COLUMNS[request.sort_by or DEFAULT_SORT_BY]
     descending = (request.sort_order or DEFAULT_SORT_ORDER) == "Descending"
     limit = request.max_results or DEFAULT_MAX_RESULTS
-    fingerprint = _fingerprint(request)
+    fingerprint = _fingerprint(request, tenant)
 
     where, params = _filters(request)
     if request.next_token:
@@ -47,7 +50,7 @@ def list_jobs(store: Store, request: ListOptimizationJobsRequest) -> tuple[list[
 
     direction = "DESC" if descending else "ASC"
     order_by = f"{column} {direction}" + ("" if column == "name" else f", name {direction}")
-    rows = store.select(" AND ".join(where), params, order_by, limit + 1)
+    rows = store.select(tenant, " AND ".join(where), params, order_by, limit + 1)
     if len(rows) <= limit:
         return rows, None
     page = rows[:limit]
@@ -82,13 +85,14 @@ def _filters(request: ListOptimizationJobsRequest) -> tuple[list[str], list[Any]
     return where, params
 
 
-def _fingerprint(request: ListOptimizationJobsRequest) -> str:
+def _fingerprint(request: ListOptimizationJobsRequest, tenant: tuple[str, str]) -> str:
     """Hash of everything that defines the sequence being paged (not MaxResults, not the token)."""
     wire = request.dump()
     wire.pop("NextToken", None)
     wire.pop("MaxResults", None)
     wire.setdefault("SortBy", DEFAULT_SORT_BY)
     wire.setdefault("SortOrder", DEFAULT_SORT_ORDER)
+    wire["_tenant"] = list(tenant)
     return hashlib.sha256(json.dumps(wire, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -129,14 +129,14 @@ def reason_problems(reason: str) -> list[str]:
 
 
 def fail(
-    store: Store, name: str, reason: str, *, expect: tuple[str, ...] = ACTIVE_STATUSES, category: str | None = None
+    store: Store, key: str, reason: str, *, expect: tuple[str, ...] = ACTIVE_STATUSES, category: str | None = None
 ) -> bool:
-    """Move the job to FAILED with ``reason`` if its status is in ``expect``; log it if we did."""
+    """Move the job ``key`` to FAILED with ``reason`` if its status is in ``expect``; log it if we did."""
     full = reason
-    reason = clip_reason(reason, job=name)
-    if not store.transition(name, expect=expect, to="FAILED", failure_reason=reason):
+    record = store.get(key)
+    reason = clip_reason(reason, job=record.name if record else key)
+    if not store.transition(key, expect=expect, to="FAILED", failure_reason=reason):
         return False
-    record = store.get(name)
     if record is not None:
         JobLog(record.log_path).write(
             "lifecycle",
@@ -149,17 +149,17 @@ def fail(
     return True
 
 
-def end_stopping(store: Store, name: str, note: str = "") -> bool:
+def end_stopping(store: Store, key: str, note: str = "") -> bool:
     """Finish a STOPPING job: STOPPED after a Stop, FAILED (MaxRuntimeExceeded) after a timeout."""
-    record = store.get(name)
+    record = store.get(key)
     if record is None or record.status != "STOPPING":
         return False
     if record.stop_reason == "timeout":
-        done = fail(store, name, timeout_reason(record.max_runtime_s), expect=("STOPPING",), category="timeout")
+        done = fail(store, key, timeout_reason(record.max_runtime_s), expect=("STOPPING",), category="timeout")
         if done and note:
             JobLog(record.log_path).write("lifecycle", "timeout", note)
         return done
-    if not store.transition(name, expect=("STOPPING",), to="STOPPED"):
+    if not store.transition(key, expect=("STOPPING",), to="STOPPED"):
         return False
     JobLog(record.log_path).write("lifecycle", "STOPPED", note or "stopped; partial output discarded")
     return True

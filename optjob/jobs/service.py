@@ -5,6 +5,10 @@ only reads and writes the store: it never runs or signals a worker. Running jobs
 executor's business (``optjob.jobs.executor``), which watches the store, so a Stop recorded here
 by any process reaches the worker through the executor that owns it.
 
+Every operation acts for a caller (``optjob.jobs.tenancy.Caller``: an account in a region; the
+home caller when none is given, which is what the local CLI is). A caller sees only its own
+jobs: another account's job answers ResourceNotFound exactly as a missing one does.
+
 Choices where SageMaker is undocumented are listed in docs/jobs.md; the ones visible here:
 names are case-sensitive and kept verbatim in the ARN; stopping a STOPPING job is a no-op;
 stopping a terminal job and deleting a non-terminal one are ValidationExceptions.
@@ -13,6 +17,7 @@ stopping a terminal job and deleting a non-terminal one are ValidationExceptions
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -20,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from optjob.api.errors import (
+    InternalFailure,
     ResourceInUse,
     ResourceLimitExceeded,
     ResourceNotFound,
@@ -54,8 +60,11 @@ from optjob.jobs.store import (
     now_ms,
     starting_record,
 )
+from optjob.jobs.tenancy import Caller, check_role, home_caller
 from optjob.pipeline.plan import Plan, build_plan
+from optjob.secret_files import SecretFileError
 from optjob.settings import Settings, load_settings
+from optjob.storage.credentials import roles_in_file
 
 # Members of the stored request that Describe echoes (Tags are stored but, as in SageMaker, not).
 _ECHOED = (
@@ -72,6 +81,7 @@ _ECHOED = (
 )
 
 Planner = Callable[..., Plan]
+log = logging.getLogger("optjob.service")
 
 
 class JobService:
@@ -95,19 +105,33 @@ class JobService:
         self._planner = planner
         self._clock = clock
         self._start_executor = start_executor
+        self.home = home_caller(self.settings)
 
     # --- operations ----------------------------------------------------------------------
 
-    def create(self, request: CreateOptimizationJobRequest) -> CreateOptimizationJobResponse:
-        """Validate exactly as ``optjob validate`` does, then store the job as STARTING."""
+    def create(
+        self, request: CreateOptimizationJobRequest, caller: Caller | None = None
+    ) -> CreateOptimizationJobResponse:
+        """Validate exactly as ``optjob validate`` does, check the caller may pass RoleArn, then
+        store the job as STARTING in the caller's account and region."""
+        caller = caller or self.home
+        check_role(caller, request.role_arn, self.settings, self._roles())
         try:
-            plan = self._planner(request, region=self.settings.region, resolve_model=self._model_uri)
+            plan = self._planner(request, region=caller.region, resolve_model=self._model_uri)
         except JobFailed as exc:  # a planner check that speaks the pipeline's language
             raise ValidationException(str(exc)) from None
         name = request.optimization_job_name
-        arn = self.settings.job_arn(name)
+        arn = caller.job_arn(name)
         now = now_ms(self._clock())
-        record = starting_record(request, plan, arn, now=now, log_path=str(self._log_path(name, now)))
+        record = starting_record(
+            request,
+            plan,
+            arn,
+            now=now,
+            log_path=str(self._log_path(name, now)),
+            home=self.home.tenant,
+            role_source=self.settings.role_source,
+        )
         try:
             self.store.create_job(record, max_active=self.settings.max_active_jobs)
         except DuplicateJob:
@@ -129,23 +153,26 @@ class JobService:
         self._kick()
         return CreateOptimizationJobResponse(optimization_job_arn=arn)
 
-    def describe(self, name: str) -> DescribeOptimizationJobResponse:
-        return describe_record(self.get(name))
+    def describe(self, name: str, caller: Caller | None = None) -> DescribeOptimizationJobResponse:
+        return describe_record(self.get(name, caller))
 
-    def list(self, request: ListOptimizationJobsRequest | None = None) -> ListOptimizationJobsResponse:
-        records, token = list_jobs(self.store, request or ListOptimizationJobsRequest())
+    def list(
+        self, request: ListOptimizationJobsRequest | None = None, caller: Caller | None = None
+    ) -> ListOptimizationJobsResponse:
+        tenant = (caller or self.home).tenant
+        records, token = list_jobs(self.store, request or ListOptimizationJobsRequest(), tenant)
         return ListOptimizationJobsResponse(
             optimization_job_summaries=[summarize(record) for record in records], next_token=token
         )
 
-    def stop(self, name: str) -> None:
+    def stop(self, name: str, caller: Caller | None = None) -> None:
         """STARTING/INPROGRESS -> STOPPING; the executor signals the worker and settles STOPPED.
 
         Stopping a job that is already STOPPING succeeds and changes nothing (a retried Stop
         must not fail); stopping a terminal job is a ValidationException.
         """
         while True:
-            record = self.get(name)
+            record = self.get(name, caller)
             if record.status == "STOPPING":
                 return
             if record.terminal:
@@ -155,16 +182,21 @@ class JobService:
                 )
             now = now_ms(self._clock())
             if self.store.transition(
-                name, expect=(record.status,), to="STOPPING", now=now, stop_reason="user", stop_requested_at=now
+                record.job_key,
+                expect=(record.status,),
+                to="STOPPING",
+                now=now,
+                stop_reason="user",
+                stop_requested_at=now,
             ):
                 JobLog(record.log_path).write("lifecycle", "STOPPING", "StopOptimizationJob requested")
                 self._kick()
                 return
             # The status changed under us (the worker started or finished): decide again.
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, caller: Caller | None = None) -> None:
         """Remove a terminal job's record; its artifacts and log file are never touched."""
-        outcome = self.store.delete_terminal(name)
+        outcome = self.store.delete_terminal(self.get(name, caller).job_key)
         if outcome == "missing":
             raise _not_found(name)
         if outcome != "deleted":
@@ -175,28 +207,32 @@ class JobService:
 
     # --- helpers for transports ----------------------------------------------------------
 
-    def get(self, name: str) -> JobRecord:
-        """The stored record (for logs, progress, wait); ResourceNotFound if there is none."""
-        record = self.store.get(name)
+    def get(self, name: str, caller: Caller | None = None) -> JobRecord:
+        """The caller's stored record (for logs, progress, wait); ResourceNotFound if there is none."""
+        record = self.store.find(*(caller or self.home).tenant, name)
         if record is None:
             raise _not_found(name)
         return record
 
-    def handle(self, operation: str, body: dict[str, Any] | None) -> dict[str, Any]:
-        """Dispatch one wire call: validate ``body``, run the operation, return the wire response.
+    def handle(self, operation: str, body: dict[str, Any] | None, caller: Caller | None = None) -> dict[str, Any]:
+        """Dispatch one wire call for ``caller``: validate ``body``, run the operation, return the
+        wire response.
 
         Raises ``ApiError`` subclasses (each has ``to_wire``/``http_status``) for the transport
         to render; Stop and Delete return ``{}``.
         """
         handlers: dict[str, tuple[type[Shape], Callable[[Any], Shape | None]]] = {
-            "CreateOptimizationJob": (CreateOptimizationJobRequest, self.create),
+            "CreateOptimizationJob": (CreateOptimizationJobRequest, lambda r: self.create(r, caller)),
             "DescribeOptimizationJob": (
                 DescribeOptimizationJobRequest,
-                lambda r: self.describe(r.optimization_job_name),
+                lambda r: self.describe(r.optimization_job_name, caller),
             ),
-            "ListOptimizationJobs": (ListOptimizationJobsRequest, self.list),
-            "StopOptimizationJob": (StopOptimizationJobRequest, lambda r: self.stop(r.optimization_job_name)),
-            "DeleteOptimizationJob": (DeleteOptimizationJobRequest, lambda r: self.delete(r.optimization_job_name)),
+            "ListOptimizationJobs": (ListOptimizationJobsRequest, lambda r: self.list(r, caller)),
+            "StopOptimizationJob": (StopOptimizationJobRequest, lambda r: self.stop(r.optimization_job_name, caller)),
+            "DeleteOptimizationJob": (
+                DeleteOptimizationJobRequest,
+                lambda r: self.delete(r.optimization_job_name, caller),
+            ),
         }
         if operation not in handlers:
             raise UnknownOperationException(f"Operation {operation} is not supported by optjob")
@@ -222,6 +258,18 @@ class JobService:
         """A fresh file per job, even when a deleted job's name is reused in the same millisecond."""
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
         return self.settings.logs_dir / f"{name}-{stamp}-{uuid.uuid4().hex[:8]}.log"
+
+    def _roles(self) -> frozenset[str] | None:
+        """The roles file's role ARNs (None without one); read per Create, so edits apply at once."""
+        if self.settings.roles_file is None:
+            return None
+        try:
+            return roles_in_file(self.settings.roles_file)
+        except SecretFileError:
+            log.exception("the roles file cannot be used")
+            raise InternalFailure(
+                "The optjob server cannot use its roles file; its operator must fix it (the server log says why)"
+            ) from None
 
     def _kick(self) -> None:
         if self._start_executor:

@@ -5,9 +5,16 @@ state change is a compare-and-set inside ``BEGIN IMMEDIATE``: ``transition`` onl
 whose status is still one the caller expected. That is what makes a Stop racing a completion,
 or two executors racing for one queued job, safe without any lock beyond SQLite's own.
 
+Jobs belong to a tenant, an (account, region) pair: names are unique per tenant, as SageMaker's are
+per account and region, so every row also carries a ``job_key`` unique across tenants. The key is
+what the executor, the worker, the scratch directory and the logs use; it is the plain name for the
+store's home tenant (the account and region optjob runs as), which keeps single-tenant data
+directories exactly as they were, and ``NAME.ACCOUNT.REGION`` otherwise (names cannot hold dots).
+
 The schema carries a version (``PRAGMA user_version``); a database written by a newer optjob is
-refused rather than misread. Times are epoch seconds rounded to milliseconds, the precision the
-API returns, so filters on List compare exactly what Describe shows.
+refused rather than misread, and an older one is migrated in place. Times are epoch seconds
+rounded to milliseconds, the precision the API returns, so filters on List compare exactly what
+Describe shows.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,13 +34,16 @@ from optjob.api.shapes import TERMINAL_STATUSES, CreateOptimizationJobRequest
 if TYPE_CHECKING:
     from optjob.pipeline.plan import Plan
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ACTIVE_STATUSES: tuple[str, ...] = ("STARTING", "INPROGRESS", "STOPPING")
 FINAL_STATUSES: tuple[str, ...] = tuple(sorted(TERMINAL_STATUSES))
 
-_SCHEMA = """
+_JOBS_TABLE = """
 CREATE TABLE jobs (
-    name               TEXT PRIMARY KEY,
+    job_key            TEXT PRIMARY KEY,    -- unique across tenants (see the module docstring)
+    account_id         TEXT NOT NULL,
+    region             TEXT NOT NULL,
+    name               TEXT NOT NULL,
     arn                TEXT NOT NULL,
     status             TEXT NOT NULL,
     creation_time      REAL NOT NULL,
@@ -55,17 +65,24 @@ CREATE TABLE jobs (
     worker_ctime       REAL,                -- the worker's start time, to tell a reused pid apart
     stop_reason        TEXT,                -- 'user' (StopOptimizationJob) or 'timeout'
     stop_requested_at  REAL,
-    last_event_json    TEXT
+    last_event_json    TEXT,
+    role_source        TEXT NOT NULL,       -- where the worker gets RoleArn's credentials (never the secrets)
+    UNIQUE (account_id, region, name)
 );
-CREATE INDEX jobs_by_creation ON jobs (creation_time, name);
+CREATE INDEX jobs_by_creation ON jobs (account_id, region, creation_time, name);
 CREATE INDEX jobs_by_status ON jobs (status, name);
-CREATE INDEX jobs_by_modified ON jobs (last_modified_time);
+CREATE INDEX jobs_by_modified ON jobs (account_id, region, last_modified_time)
+"""
+_SCHEMA = (
+    _JOBS_TABLE
+    + """;
 CREATE TABLE models (
     name          TEXT PRIMARY KEY,
     s3_uri        TEXT NOT NULL,
     creation_time REAL NOT NULL
 );
 """
+)
 
 
 class StoreError(Exception):
@@ -89,6 +106,9 @@ def now_ms(clock: float | None = None) -> float:
 class JobRecord:
     """One row of ``jobs``, typed. ``request_json``/``plan_json`` stay text until needed."""
 
+    job_key: str
+    account_id: str
+    region: str
     name: str
     arn: str
     status: str
@@ -112,6 +132,7 @@ class JobRecord:
     stop_reason: str | None
     stop_requested_at: float | None
     last_event_json: str | None
+    role_source: str
 
     @property
     def terminal(self) -> bool:
@@ -131,11 +152,32 @@ class JobRecord:
 
 
 JOB_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(JobRecord))
-_UPDATABLE = frozenset(JOB_COLUMNS) - {"name", "arn", "creation_time", "request_json", "plan_json"}
+_UPDATABLE = frozenset(JOB_COLUMNS) - {
+    "job_key",
+    "account_id",
+    "region",
+    "name",
+    "arn",
+    "creation_time",
+    "request_json",
+    "plan_json",
+    "role_source",
+}
 
 
 def encode_types(types: Iterable[str]) -> str:
     return "|" + "|".join(types) + "|"
+
+
+def job_key(name: str, account_id: str, region: str, *, home: tuple[str, str]) -> str:
+    """The row's key: the plain name in the home tenant (account, region), else NAME.ACCOUNT.REGION."""
+    return name if (account_id, region) == home else f"{name}.{account_id}.{region}"
+
+
+def _arn_tenant(arn: str) -> tuple[str, str]:
+    """(account, region) of ``arn:PARTITION:sagemaker:REGION:ACCOUNT:optimization-job/NAME``."""
+    parts = arn.split(":")
+    return parts[4], parts[3]
 
 
 @dataclass(frozen=True)
@@ -149,6 +191,7 @@ class Store:
     """The jobs database. Safe to share between threads: each thread gets its own connection."""
 
     def __init__(self, db_path: Path, *, busy_timeout_s: float = 30.0) -> None:
+        """``db_path``: the SQLite file, created (or migrated from an older schema) on first use."""
         self.db_path = Path(db_path)
         self._busy_timeout_s = busy_timeout_s
         self._local = threading.local()
@@ -196,29 +239,49 @@ class Store:
                     f"understands ({SCHEMA_VERSION}); upgrade optjob or use another OPTJOB_HOME"
                 )
             if version == 0:
-                # executescript would COMMIT our transaction; run the statements one by one.
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+                _run_script(conn, _SCHEMA)
+            elif version == 1:
+                _migrate_v1(conn)
+            if version < SCHEMA_VERSION:
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     # --- jobs ----------------------------------------------------------------------------
 
-    def create_job(self, record: JobRecord, *, max_active: int) -> None:
-        """Insert a new job; raises DuplicateJob or TooManyActiveJobs without inserting."""
+    def create_job(self, record: JobRecord, *, max_active: int) -> JobRecord:
+        """Insert a new job; raises DuplicateJob or TooManyActiveJobs without inserting.
+
+        Both checks are per tenant (account and region). Returns the record as stored: its key
+        is qualified when the plain one is taken by a job of another tenant (a data directory
+        whose home account or region was changed), so keys never collide.
+        """
+        tenant = (record.account_id, record.region)
         with self.transaction() as conn:
-            if conn.execute("SELECT 1 FROM jobs WHERE name = ?", (record.name,)).fetchone():
+            taken = "SELECT 1 FROM jobs WHERE account_id = ? AND region = ? AND name = ?"
+            if conn.execute(taken, (*tenant, record.name)).fetchone():
                 raise DuplicateJob(record.name)
             active = conn.execute(
-                f"SELECT COUNT(*) FROM jobs WHERE status IN ({_marks(ACTIVE_STATUSES)})", ACTIVE_STATUSES
+                f"SELECT COUNT(*) FROM jobs WHERE account_id = ? AND region = ? "
+                f"AND status IN ({_marks(ACTIVE_STATUSES)})",
+                (*tenant, *ACTIVE_STATUSES),
             ).fetchone()[0]
             if active >= max_active:
                 raise TooManyActiveJobs(str(active))
+            if conn.execute("SELECT 1 FROM jobs WHERE job_key = ?", (record.job_key,)).fetchone():
+                record = replace(record, job_key=job_key(record.name, *tenant, home=("", "")))
             values = [getattr(record, column) for column in JOB_COLUMNS]
             conn.execute(f"INSERT INTO jobs ({', '.join(JOB_COLUMNS)}) VALUES ({_marks(JOB_COLUMNS)})", values)
+        return record
 
-    def get(self, name: str) -> JobRecord | None:
-        row = self._conn.execute("SELECT * FROM jobs WHERE name = ?", (name,)).fetchone()
+    def get(self, key: str) -> JobRecord | None:
+        """The job with this ``job_key`` (what workers, the executor and outcomes hold)."""
+        row = self._conn.execute("SELECT * FROM jobs WHERE job_key = ?", (key,)).fetchone()
+        return _record(row) if row else None
+
+    def find(self, account_id: str, region: str, name: str) -> JobRecord | None:
+        """The tenant's job with this name (what API callers name)."""
+        row = self._conn.execute(
+            "SELECT * FROM jobs WHERE account_id = ? AND region = ? AND name = ?", (account_id, region, name)
+        ).fetchone()
         return _record(row) if row else None
 
     def active(self) -> list[JobRecord]:
@@ -231,7 +294,7 @@ class Store:
 
     def transition(
         self,
-        name: str,
+        key: str,
         *,
         expect: Sequence[str],
         to: str | None = None,
@@ -258,8 +321,8 @@ class Store:
         if not changes:
             return False
         sets = ", ".join(f"{column} = ?" for column in changes)
-        where = f"name = ? AND status IN ({_marks(expect)})"
-        params: list[Any] = [*changes.values(), name, *expect]
+        where = f"job_key = ? AND status IN ({_marks(expect)})"
+        params: list[Any] = [*changes.values(), key, *expect]
         if where_pid is not None:
             pids = [p for p in where_pid if p is not None]
             clauses = ["worker_pid IS NULL"] if None in where_pid else []
@@ -270,26 +333,28 @@ class Store:
         with self.transaction() as conn:
             return conn.execute(f"UPDATE jobs SET {sets} WHERE {where}", params).rowcount == 1
 
-    def record_event(self, name: str, event: dict[str, Any]) -> None:
+    def record_event(self, key: str, event: dict[str, Any]) -> None:
         """Keep the latest progress event; it is not a change of the job, so LastModifiedTime stays."""
         with self.transaction() as conn:
-            conn.execute("UPDATE jobs SET last_event_json = ? WHERE name = ?", (json.dumps(event), name))
+            conn.execute("UPDATE jobs SET last_event_json = ? WHERE job_key = ?", (json.dumps(event), key))
 
-    def delete_terminal(self, name: str) -> str:
+    def delete_terminal(self, key: str) -> str:
         """Delete a terminal job: returns ``deleted``, ``missing`` or the status that forbade it."""
         with self.transaction() as conn:
-            row = conn.execute("SELECT status FROM jobs WHERE name = ?", (name,)).fetchone()
+            row = conn.execute("SELECT status FROM jobs WHERE job_key = ?", (key,)).fetchone()
             if row is None:
                 return "missing"
             if row["status"] not in TERMINAL_STATUSES:
                 return row["status"]
-            conn.execute("DELETE FROM jobs WHERE name = ?", (name,))
+            conn.execute("DELETE FROM jobs WHERE job_key = ?", (key,))
             return "deleted"
 
-    def select(self, where: str, params: Sequence[Any], order_by: str, limit: int) -> list[JobRecord]:
-        """Rows for List; ``where`` and ``order_by`` are built by ``optjob.jobs.listing`` only."""
-        sql = f"SELECT * FROM jobs WHERE {where or '1'} ORDER BY {order_by} LIMIT ?"
-        return [_record(row) for row in self._conn.execute(sql, [*params, limit]).fetchall()]
+    def select(
+        self, tenant: tuple[str, str], where: str, params: Sequence[Any], order_by: str, limit: int
+    ) -> list[JobRecord]:
+        """One tenant's rows for List; ``where`` and ``order_by`` are built by ``optjob.jobs.listing`` only."""
+        sql = f"SELECT * FROM jobs WHERE account_id = ? AND region = ? AND ({where or '1'}) ORDER BY {order_by} LIMIT ?"
+        return [_record(row) for row in self._conn.execute(sql, [*tenant, *params, limit]).fetchall()]
 
     # --- the model registry (ModelSource.SageMakerModel / OutputConfig.SageMakerModel) ---
 
@@ -314,6 +379,29 @@ def _marks(items: Sequence[Any]) -> str:
     return ", ".join("?" for _ in items)
 
 
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    # executescript would COMMIT our transaction; run the statements one by one.
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def _migrate_v1(conn: sqlite3.Connection) -> None:
+    """Schema 1 (one tenant, keyed by name) to 2: each job's tenant is read from its ARN, its key
+    is its name (unique in schema 1), and its credentials were always the ambient ones."""
+    for index in ("jobs_by_creation", "jobs_by_status", "jobs_by_modified"):
+        conn.execute(f"DROP INDEX IF EXISTS {index}")
+    conn.execute("ALTER TABLE jobs RENAME TO jobs_v1")
+    _run_script(conn, _JOBS_TABLE)
+    old_columns = [c for c in JOB_COLUMNS if c not in ("job_key", "account_id", "region", "role_source")]
+    for row in conn.execute(f"SELECT {', '.join(old_columns)} FROM jobs_v1").fetchall():
+        account_id, region = _arn_tenant(row["arn"])
+        values = {"job_key": row["name"], "account_id": account_id, "region": region, "role_source": "ambient"}
+        values.update({column: row[column] for column in old_columns})
+        conn.execute(f"INSERT INTO jobs ({', '.join(values)}) VALUES ({_marks(list(values))})", list(values.values()))
+    conn.execute("DROP TABLE jobs_v1")
+
+
 def _record(row: sqlite3.Row) -> JobRecord:
     return JobRecord(**{column: row[column] for column in JOB_COLUMNS})
 
@@ -325,14 +413,22 @@ def starting_record(
     *,
     now: float,
     log_path: str,
+    home: tuple[str, str] | None = None,
+    role_source: str = "ambient",
     worker_pid: int | None = None,
     worker_ctime: float | None = None,
 ) -> JobRecord:
     """A new job's record: STARTING, created now (``plan`` None: planning failed; a container worker
-    that runs the job itself passes its own pid)."""
+    that runs the job itself passes its own pid). The tenant is the ARN's; ``home`` is the store's
+    home tenant, whose jobs are keyed by their plain name (None: the ARN's tenant is home)."""
     stopping = request.stopping_condition
+    name = request.optimization_job_name
+    account_id, region = _arn_tenant(arn)
     return JobRecord(
-        name=request.optimization_job_name,
+        job_key=job_key(name, account_id, region, home=home or (account_id, region)),
+        account_id=account_id,
+        region=region,
+        name=name,
         arn=arn,
         status="STARTING",
         creation_time=now,
@@ -355,4 +451,5 @@ def starting_record(
         stop_reason=None,
         stop_requested_at=None,
         last_event_json=None,
+        role_source=role_source,
     )

@@ -1,4 +1,4 @@
-"""``python -m optjob.jobs.worker NAME``: one job, in its own OS process, start to terminal status.
+"""``python -m optjob.jobs.worker JOB_KEY``: one job, in its own OS process, start to terminal status.
 
 The executor spawns this; it may also outlive the executor (it runs in its own session), so it
 records its own result in the store and needs nobody watching to finish correctly. It claims
@@ -13,7 +13,9 @@ sends SIGKILL if that takes longer than the grace period.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import os
 import signal
 import sys
@@ -27,13 +29,14 @@ import psutil
 from optjob.errors import JobCancelled, JobFailed
 from optjob.jobs.logs import JobLog
 from optjob.jobs.outcomes import clip_reason, end_stopping, fail, internal_error_reason, interrupted_reason
-from optjob.jobs.store import Store, now_ms
+from optjob.jobs.store import JobRecord, Store, now_ms
 from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import Event, EventSink
 from optjob.pipeline.plan import Plan
 from optjob.pipeline.run import RunOutcome
 from optjob.runtime.allocator import tune_allocator
 from optjob.settings import Settings, load_settings
+from optjob.storage.credentials import AMBIENT_CREDENTIAL_VARIABLES, job_credentials
 from optjob.storage.s3 import S3Settings
 
 # "module:function" with run_plan's signature. The default is the real pipeline; the seam lets
@@ -54,23 +57,43 @@ def process_ctime(pid: int) -> float | None:
         return None
 
 
+def job_storage(settings: Settings, record: JobRecord) -> S3Settings:
+    """S3 settings with the job's role credentials, and a model cache of that role's own.
+
+    Once the role's credentials are in hand, optjob's own are removed from this process's
+    environment, so nothing the job starts (a compiler, a side environment) inherits them. Each
+    role gets its own cache directory: a model downloaded with one role's rights is never served
+    to a job whose role could not have read it.
+    """
+    request = json.loads(record.request_json)
+    role_arn = request.get("RoleArn", "")
+    credentials = job_credentials(record.role_source, role_arn, session_name=record.name)
+    cache_dir = settings.cache_dir
+    if credentials is not None:
+        for variable in AMBIENT_CREDENTIAL_VARIABLES:
+            os.environ.pop(variable, None)
+        cache_dir = cache_dir / "roles" / hashlib.sha256(role_arn.encode()).hexdigest()[:16]
+    return S3Settings(cache_dir=cache_dir, credentials=credentials)
+
+
 def load_pipeline() -> Callable[..., RunOutcome]:
     module_name, _, attr = (os.environ.get(PIPELINE_ENV) or DEFAULT_PIPELINE).partition(":")
     return getattr(importlib.import_module(module_name), attr)
 
 
 class Worker:
-    def __init__(self, settings: Settings, store: Store, name: str, cancel: CancelToken) -> None:
+    def __init__(self, settings: Settings, store: Store, key: str, cancel: CancelToken) -> None:
+        """``key``: the job's ``job_key`` in the store (its name, for the home account and region)."""
         self.settings = settings
         self.store = store
-        self.name = name
+        self.key = key
         self.cancel = cancel
         self.pid = os.getpid()
         self.log: JobLog | None = None
         self._last_stored: tuple[float, str, str] = (0.0, "", "")
 
     def run(self) -> int:
-        record = self.store.get(self.name)
+        record = self.store.get(self.key)
         if record is None:
             return EXIT_NOT_OURS  # deleted before it started
         self.log = JobLog(record.log_path)
@@ -81,11 +104,11 @@ class Worker:
             pipeline = load_pipeline()
             outcome = pipeline(
                 Plan.model_validate_json(record.plan_json),
-                work_dir=self.settings.work_root / self.name,
+                work_dir=self.settings.work_root / self.key,
                 job_arn=record.arn,
                 events=EventSink(self._on_event),
                 cancel=self.cancel,
-                storage=S3Settings(cache_dir=self.settings.cache_dir),
+                storage=job_storage(self.settings, record),
             )
         except JobCancelled:
             return self._cancelled()
@@ -96,7 +119,7 @@ class Worker:
             self.log.write(
                 "worker", "error", f"{type(exc).__name__}: {exc}", level="error", traceback=traceback.format_exc()
             )
-            self._fail(internal_error_reason(exc, job=self.name), category="internal")
+            self._fail(internal_error_reason(exc, job=record.name), category="internal")
             return EXIT_INTERNAL
         return self._complete(outcome)
 
@@ -104,7 +127,7 @@ class Worker:
 
     def _claim(self) -> bool:
         return self.store.transition(
-            self.name,
+            self.key,
             expect=("STARTING",),
             to="INPROGRESS",
             start_time=now_ms(),
@@ -114,7 +137,7 @@ class Worker:
         )
 
     def _not_claimed(self) -> int:
-        record = self.store.get(self.name)
+        record = self.store.get(self.key)
         if record is not None and record.status == "STOPPING" and record.worker_pid in (None, self.pid):
             return self._cancelled()  # stopped before it started: nothing ran, nothing to clean
         return EXIT_NOT_OURS  # another worker owns it, or it already ended
@@ -124,7 +147,7 @@ class Worker:
     def _complete(self, outcome: RunOutcome) -> int:
         # A Stop that arrives after the work was published loses: the output exists, so say so.
         done = self.store.transition(
-            self.name, expect=("INPROGRESS", "STOPPING"), to="COMPLETED", output_image=outcome.recommended_image
+            self.key, expect=("INPROGRESS", "STOPPING"), to="COMPLETED", output_image=outcome.recommended_image
         )
         if done:
             self._write("lifecycle", "COMPLETED", "published " + ", ".join(outcome.published or ["(nothing)"]))
@@ -133,17 +156,17 @@ class Worker:
         return EXIT_COMPLETED
 
     def _cancelled(self) -> int:
-        record = self.store.get(self.name)
+        record = self.store.get(self.key)
         if record is not None and record.status == "INPROGRESS":
             self._fail(interrupted_reason(), category="infrastructure")  # SIGTERM, but no Stop
         else:
-            end_stopping(self.store, self.name, "stopped cleanly; partial output discarded")
+            end_stopping(self.store, self.key, "stopped cleanly; partial output discarded")
         return EXIT_STOPPED
 
     def _fail(self, reason: str, *, category: str) -> None:
         """INPROGRESS -> FAILED; if a Stop or timeout got there first, that stop's outcome wins."""
-        if not fail(self.store, self.name, reason, expect=("INPROGRESS",), category=category):
-            end_stopping(self.store, self.name, f"ended while failing: {clip_reason(reason, job=self.name)}")
+        if not fail(self.store, self.key, reason, expect=("INPROGRESS",), category=category):
+            end_stopping(self.store, self.key, f"ended while failing: {clip_reason(reason, job=self.key)}")
 
     # --- plumbing ------------------------------------------------------------------------
 
@@ -152,7 +175,7 @@ class Worker:
         now = time.monotonic()
         last_at, last_stage, last_step = self._last_stored
         if now - last_at >= _EVENT_STORE_INTERVAL_S or (event.stage, event.step) != (last_stage, last_step):
-            self.store.record_event(self.name, event.as_dict())
+            self.store.record_event(self.key, event.as_dict())
             self._last_stored = (now, event.stage, event.step)
 
     def _write_event(self, event: Event) -> None:
@@ -167,7 +190,7 @@ class Worker:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m optjob.jobs.worker JOB_NAME", file=sys.stderr)
+        print("usage: python -m optjob.jobs.worker JOB_KEY", file=sys.stderr)
         return 64
     tune_allocator()
     settings = load_settings()

@@ -4,9 +4,11 @@ Endpoint, region, credentials and addressing style come from boto3's own chain (
 ``AWS_CONFIG_FILE``, instance roles): ``AWS_ENDPOINT_URL_S3`` points us at an S3-compatible store
 exactly as it points the AWS CLI there, so we add no variables of our own for things boto3 already
 names. ``S3Settings`` holds only what the AWS config cannot say: how parallel and how large the
-transfers are, and where downloaded models are cached. Retry mode and attempts default to the
-AWS config (``AWS_RETRY_MODE``, ``AWS_MAX_ATTEMPTS``), upgrading botocore's 'legacy' default to
-'standard' because model transfers are long and must survive dropped connections.
+transfers are, where downloaded models are cached, and, for a job with an execution role, that
+role's credentials (``optjob.storage.credentials``), which then replace the standard chain.
+Retry mode and attempts default to the AWS config (``AWS_RETRY_MODE``, ``AWS_MAX_ATTEMPTS``),
+upgrading botocore's 'legacy' default to 'standard' because model transfers are long and must
+survive dropped connections.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import boto3
 import botocore.session
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
+from botocore.credentials import Credentials
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from pydantic import BaseModel, ConfigDict, Field
 from s3transfer.exceptions import RetriesExceededError
 
 from optjob.errors import InfrastructureError, InputError, JobFailed
+from optjob.storage.credentials import session_with
 
 MiB = 1024 * 1024
 S3Client = Any  # boto3's S3 client is generated at run time; there is no importable class to name.
@@ -33,7 +37,7 @@ _DEFAULT_ATTEMPTS = 5
 class S3Settings(BaseModel):
     """Transfer tuning. Endpoint, region, credentials and addressing come from the AWS config."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
 
     max_concurrency: int = Field(10, ge=1, le=256, description="parallel requests per transfer batch")
     multipart_threshold: int = Field(16 * MiB, ge=1, description="files this large move in parts")
@@ -50,6 +54,9 @@ class S3Settings(BaseModel):
         None, description="None leaves it to the AWS config file (s3.addressing_style)"
     )
     cache_dir: Path | None = Field(None, description="downloaded-model cache; None disables caching")
+    credentials: Credentials | None = Field(
+        None, exclude=True, repr=False, description="the job role's credentials; None: the standard AWS chain"
+    )
 
 
 def _retry_policy(settings: S3Settings, session: botocore.session.Session) -> tuple[str, int]:
@@ -63,7 +70,7 @@ def _retry_policy(settings: S3Settings, session: botocore.session.Session) -> tu
 def make_client(settings: S3Settings | None = None) -> S3Client:
     """An S3 client from the standard AWS chain with our retry, pool and timeout tuning."""
     settings = settings or S3Settings()
-    core = botocore.session.get_session()
+    core = session_with(settings.credentials)
     session = boto3.session.Session(botocore_session=core)
     mode, attempts = _retry_policy(settings, core)
     config = Config(
@@ -125,7 +132,7 @@ def storage_error(exc: BaseException, action: str, uri: str) -> JobFailed:
             return InputError(f"Cannot {action} {uri}: no such object. Check the S3 URI.")
         if code in _DENIED:
             return InputError(
-                f"Cannot {action} {uri}: access denied ({code}). Grant the job's credentials the S3 "
+                f"Cannot {action} {uri}: access denied ({code}). Grant the job's role the S3 "
                 "permissions it needs (s3:ListBucket, s3:GetObject, s3:PutObject, s3:DeleteObject, "
                 "s3:AbortMultipartUpload) and kms:Decrypt/kms:GenerateDataKey for encrypted data."
             )

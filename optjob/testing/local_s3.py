@@ -9,7 +9,12 @@ Why the flags: ``weed mini`` defaults to the host's public address, binds 0.0.0.
 telemetry to an external URL and opens WebDAV, admin, Iceberg and Lance listeners; we bind
 everything to loopback on free ports and turn the rest off. The ``-s3.config`` identities make
 SeaweedFS check credentials (so a test with wrong keys fails like AWS would) and enable its
-in-memory local KMS, whose key id ``alias/seaweedfs-default`` makes SSE-KMS work. Graceful
+in-memory local KMS, whose key id ``alias/seaweedfs-default`` makes SSE-KMS work. More identities
+(``identities=``, SeaweedFS's own format, e.g. ``"actions": ["Read:bucket", "List:bucket"]``)
+give a test principals whose rights differ per bucket; ``iam=`` (SeaweedFS's IAM config: an STS
+signing key, roles with trust policies and attached policies) turns on its real STS ``AssumeRole``
+on the S3 port; ``request_log=True`` makes weed log every request with the identity that signed it
+(``"name" GET "/bucket/key" 200``) in ``log_path``. Graceful
 shutdown of weed is unreliable, so teardown SIGKILLs the process group after a short grace.
 """
 
@@ -68,6 +73,7 @@ class S3Server:
     region: str
     kms_key_id: str
     aws_config_file: Path
+    log_path: Path | None = None
 
     def client(self, endpoint_url: str | None = None, **config: Any) -> Any:
         """A boto3 S3 client talking straight to the server (tests use it to arrange and inspect)."""
@@ -158,7 +164,7 @@ def write_tiny_model(path: Path, *, shards: int = 2, hidden: int = 16, readme: s
     return path
 
 
-def _write_configs(root: Path) -> tuple[Path, Path]:
+def _write_configs(root: Path, identities: list[dict[str, Any]]) -> tuple[Path, Path]:
     s3_config = root / "s3.json"
     s3_config.write_text(
         json.dumps(
@@ -168,7 +174,8 @@ def _write_configs(root: Path) -> tuple[Path, Path]:
                         "name": "optjob-test",
                         "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
                         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    }
+                    },
+                    *identities,
                 ],
                 "kms": {"default_provider": "local", "providers": {"local": {"type": "local"}}},
             }
@@ -194,17 +201,24 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def run_weed_mini() -> Iterator[S3Server]:
+def run_weed_mini(
+    *, identities: list[dict[str, Any]] | None = None, iam: dict[str, Any] | None = None, request_log: bool = False
+) -> Iterator[S3Server]:
     """Start ``weed mini`` on loopback with free ports; yield once S3 answers; kill it and its data."""
     root = Path(tempfile.mkdtemp(prefix="optjob-weed-"))
     data = root / "data"
     data.mkdir()
-    s3_config, aws_config = _write_configs(root)
+    s3_config, aws_config = _write_configs(root, identities or [])
+    iam_args: list[str] = []
+    if iam is not None:
+        (root / "iam.json").write_text(json.dumps(iam))
+        iam_args = [f"-s3.iam.config={root / 'iam.json'}"]
     s3_port = free_port()
     # Every port explicit: defaults (and gRPC at port+10000) would collide with parallel sessions.
     grpc_ports = {role: free_port() for role in ("s3", "master", "volume", "filer", "admin")}
     args = [
         _weed_binary(),
+        *(["-v=2"] if request_log else []),
         "mini",
         f"-dir={data}",
         "-ip=127.0.0.1",
@@ -215,6 +229,7 @@ def run_weed_mini() -> Iterator[S3Server]:
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
         f"-s3.config={s3_config}",
+        *iam_args,
         f"-s3.port={s3_port}",
         f"-master.port={free_port()}",
         f"-volume.port={free_port()}",
@@ -234,6 +249,7 @@ def run_weed_mini() -> Iterator[S3Server]:
         region=REGION,
         kms_key_id=KMS_KEY_ID,
         aws_config_file=aws_config,
+        log_path=log_path,
     )
     try:
         _wait_ready(server, proc, log_path)
