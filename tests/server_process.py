@@ -89,3 +89,14 @@ def running_server(
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+def wait_terminal(client, name: str, timeout: float = 60) -> dict:
+    """Describe ``name`` through ``client`` until it is COMPLETED, FAILED or STOPPED."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        described = client.describe_optimization_job(OptimizationJobName=name)
+        if described["OptimizationJobStatus"] in {"COMPLETED", "FAILED", "STOPPED"}:
+            return described
+        time.sleep(0.2)
+    raise AssertionError(f"{name} did not reach a terminal state within {timeout} s")

@@ -17,7 +17,7 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from tests.server_process import ACCESS_KEY, SECRET_KEY, Server, running_server
+from tests.server_process import ACCESS_KEY, SECRET_KEY, Server, running_server, wait_terminal
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "configs" / "examples" / "neuron-compile-inf2-48xlarge.json"
 
@@ -57,25 +57,13 @@ def test_five_operations_through_boto3(server: Server) -> None:
         "STOPPING",
         "STOPPED",
     }
-    assert _wait_terminal(client, "boto-job-1")["OptimizationJobStatus"] == "STOPPED"
+    assert wait_terminal(client, "boto-job-1")["OptimizationJobStatus"] == "STOPPED"
     with pytest.raises(botocore.exceptions.ClientError) as again:
         client.stop_optimization_job(OptimizationJobName="boto-job-1")
     assert again.value.response["Error"]["Code"] == "ValidationException"
     client.delete_optimization_job(OptimizationJobName="boto-job-1")
     with pytest.raises(client.exceptions.ResourceNotFound):
         client.describe_optimization_job(OptimizationJobName="boto-job-1")
-
-
-def _wait_terminal(client, name: str, timeout: float = 60) -> dict:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        described = client.describe_optimization_job(OptimizationJobName=name)
-        if described["OptimizationJobStatus"] in {"COMPLETED", "FAILED", "STOPPED"}:
-            return described
-        time.sleep(0.2)
-    raise AssertionError(f"{name} did not reach a terminal state")
 
 
 def test_botocore_raises_the_modelled_exceptions(server: Server) -> None:
@@ -227,7 +215,7 @@ def test_aws_cli_works_unchanged(server: Server, tmp_path: Path) -> None:
     for name in ("cli-job-1", "cli-job-2"):
         stopped = _aws(server, "stop-optimization-job", "--optimization-job-name", name)
         assert stopped.returncode == 0, stopped.stderr
-        assert _wait_terminal(server.client(), name)["OptimizationJobStatus"] == "STOPPED"
+        assert wait_terminal(server.client(), name)["OptimizationJobStatus"] == "STOPPED"
         deleted = _aws(server, "delete-optimization-job", "--optimization-job-name", name)
         assert deleted.returncode == 0, deleted.stderr
     missing = _aws(server, "describe-optimization-job", "--optimization-job-name", "cli-job-1")

@@ -13,7 +13,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 
 from optjob.testing.local_s3 import S3Server, run_weed_mini
 from tests.server_process import SECRET_KEY as SERVER_SECRET
-from tests.server_process import Server, running_server
+from tests.server_process import Server, running_server, wait_terminal
 
 ACCOUNT_A, ACCOUNT_B = "111111111111", "222222222222"
 KEYS = {  # principal -> (access key id, secret): the callers of optjob
@@ -132,16 +131,6 @@ def spec(name: str, role: str, output: str) -> dict:
     return request
 
 
-def wait_terminal(client, name: str, timeout: float = 180) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        described = client.describe_optimization_job(OptimizationJobName=name)
-        if described["OptimizationJobStatus"] in {"COMPLETED", "FAILED", "STOPPED"}:
-            return described
-        time.sleep(0.3)
-    raise AssertionError(f"{name} did not end within {timeout} s")
-
-
 _REQUEST_LINE = re.compile(r'stats\.go:\d+\]? "([^"]*)" (\w+) "([^"]*)" (\d+)')
 
 
@@ -188,12 +177,12 @@ def test_two_accounts_share_a_name_and_see_only_their_own_jobs(setup: Setup) -> 
         assert answers[0] == answers[1] and answers[0][0] == "ResourceNotFound", (operation, answers)
     assert a.describe_optimization_job(OptimizationJobName="only-a")["OptimizationJobStatus"] != "STOPPING"
     a.stop_optimization_job(OptimizationJobName="only-a")
-    assert wait_terminal(a, "only-a")["OptimizationJobStatus"] in {"STOPPED", "COMPLETED"}
+    assert wait_terminal(a, "only-a", 180)["OptimizationJobStatus"] in {"STOPPED", "COMPLETED"}
     with pytest.raises(b.exceptions.ResourceNotFound):
         b.delete_optimization_job(OptimizationJobName="only-a")
     a.delete_optimization_job(OptimizationJobName="only-a")
-    wait_terminal(a, "same-name")
-    wait_terminal(b, "same-name")
+    wait_terminal(a, "same-name", 180)
+    wait_terminal(b, "same-name", 180)
 
 
 def test_roles_of_other_accounts_and_unknown_roles_are_refused(setup: Setup) -> None:
@@ -222,9 +211,9 @@ def test_jobs_reach_s3_only_with_their_roles_keys(setup: Setup) -> None:
     a.create_optimization_job(**spec("no-write", f"arn:aws:iam::{ACCOUNT_A}:role/read-only", f"s3://{OUT_A}/ro/"))
     b.create_optimization_job(**spec("no-read", f"arn:aws:iam::{ACCOUNT_B}:role/optimizer", f"s3://{OUT_B}/nr/"))
 
-    assert wait_terminal(a, "shard-ok")["OptimizationJobStatus"] == "COMPLETED"
-    no_write = wait_terminal(a, "no-write")
-    no_read = wait_terminal(b, "no-read")
+    assert wait_terminal(a, "shard-ok", 180)["OptimizationJobStatus"] == "COMPLETED"
+    no_write = wait_terminal(a, "no-write", 180)
+    no_read = wait_terminal(b, "no-read", 180)
     requests = s3_requests(setup.s3, since)
 
     # The role that may write completed, and every request the jobs made was signed with a role's key.

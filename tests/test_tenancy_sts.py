@@ -17,8 +17,8 @@ from collections.abc import Iterator
 import pytest
 
 from optjob.testing.local_s3 import S3Server, run_weed_mini
-from tests.server_process import Server, running_server
-from tests.test_tenancy import EXAMPLE, keys, wait_terminal
+from tests.server_process import Server, running_server, wait_terminal
+from tests.test_tenancy import EXAMPLE, keys
 
 ACCOUNT = "111111111111"
 TEAM = ("AKIATEAMSTS000000001", "team-sts-secret-0123456789abcdefgh")
@@ -118,8 +118,8 @@ def test_jobs_assume_their_role_with_the_job_name_as_session(sts: tuple[S3Server
     since = s3.log_path.stat().st_size
     client.create_optimization_job(**_spec("sts-job", OPTIMIZER))
     client.create_optimization_job(**_spec("distrusted", UNTRUSTING))
-    done = wait_terminal(client, "sts-job")
-    refused = wait_terminal(client, "distrusted")
+    done = wait_terminal(client, "sts-job", 180)
+    refused = wait_terminal(client, "distrusted", 180)
     log = s3.log_path.read_bytes()[since:].decode(errors="replace")
 
     assert done["OptimizationJobStatus"] == "COMPLETED", done.get("FailureReason")
