@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 from typer.testing import CliRunner
 
 import optjob.cli.validate  # noqa: F401  (registers the command on the app)
@@ -184,3 +185,28 @@ def test_plans_equal_optimum_neurons_own(neuron_python: str) -> None:
         assert ours["compiler_args"] == their["compiler_args"], name
         assert ours["attention_sharding"] == their["attention_sharding"], name
         assert ours["target"] == their["env_NEURON_PLATFORM_TARGET_OVERRIDE"], name
+
+
+def test_a_job_refuses_the_model_before_looking_for_the_sdk(tmp_path: Path) -> None:
+    from optjob.errors import InputError, ToolchainMissing
+    from optjob.pipeline.stage import StageContext, technique_for
+    from optjob.targets.catalog import instance
+
+    tech = technique_for("ModelCompilationConfig")
+    target = instance("ml.inf2.48xlarge")
+    stage = tech.plan(_Config(), {"OPTION_TENSOR_PARALLEL_DEGREE": "8"}, target, path="OptimizationConfigs[0]")
+    model = tmp_path / "model"
+    model.mkdir()
+    ctx = StageContext(
+        job_name="j", input_dir=model, output_dir=tmp_path / "out", work_dir=tmp_path / "w", target=target
+    )
+    (model / "config.json").write_text(json.dumps(MISTRAL))
+    with pytest.raises(InputError, match="cannot be compiled for Neuron as requested: model_type 'mistral'"):
+        tech.run(stage, ctx)
+    (model / "config.json").write_text(json.dumps(LLAMA))
+    with pytest.raises(ToolchainMissing, match="neuronx_cc"):  # a plannable model on a host without the SDK
+        tech.run(stage, ctx)
+
+
+class _Config(BaseModel):
+    Image: str | None = None

@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from optjob.errors import InputError
 from optjob.pipeline.env import env_to_properties, tensor_parallel_degree
 from optjob.pipeline.stage import (
     PlanError,
@@ -152,6 +153,11 @@ class CompilationTechnique(Technique):
 
     def run(self, stage: PlannedStage, ctx: StageContext) -> StageResult:
         if stage.engine == "neuronx-cc":
+            # The model's half of the plan first: a refusal names the model's problem, not a missing SDK.
+            try:
+                self.neuron_export(stage, json.loads((ctx.input_dir / "config.json").read_text(encoding="utf-8")))
+            except NeuronPlanError as exc:
+                raise InputError(f"This model cannot be compiled for Neuron as requested: {exc}.") from None
             require_toolchain(
                 "Neuron compilation",
                 {
