@@ -25,7 +25,6 @@ class Settings(BaseModel):
     home: Path = Field(description="data directory: SQLite store, job logs, caches")
     region: str
     account_id: str = Field(pattern=r"\d{12}")
-    partition: str = "aws"
     max_active_jobs: int = Field(20, ge=1, description="non-terminal jobs before ResourceLimitExceeded")
     executor_slots: int = Field(1, ge=1, description="jobs that run at once on this host")
     stop_grace_s: float = Field(120.0, gt=0, description="SIGTERM-to-SIGKILL grace for a stopping job")
@@ -63,18 +62,6 @@ class Settings(BaseModel):
     def cache_dir(self) -> Path:
         return self.home / "cache"
 
-    def job_arn(self, name: str) -> str:
-        return f"arn:{self.partition}:sagemaker:{self.region}:{self.account_id}:optimization-job/{name}"
-
-
-def partition_of(region: str) -> str:
-    """The ARN partition a region belongs to."""
-    if region.startswith("cn-"):
-        return "aws-cn"
-    if region.startswith("us-gov-"):
-        return "aws-us-gov"
-    return "aws"
-
 
 def load_settings(**overrides: object) -> Settings:
     """Settings from ``OPTJOB_*`` and the standard AWS region variables; keyword overrides win."""
@@ -84,7 +71,6 @@ def load_settings(**overrides: object) -> Settings:
         "home": Path(env.get("OPTJOB_HOME") or Path.home() / ".optjob").expanduser(),
         "region": region,
         "account_id": env.get("OPTJOB_ACCOUNT_ID", DEFAULT_ACCOUNT),
-        "partition": partition_of(region),
     }
     for key, var in (
         ("max_active_jobs", "OPTJOB_MAX_ACTIVE_JOBS"),

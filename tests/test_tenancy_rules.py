@@ -137,6 +137,9 @@ def test_names_limits_and_operations_are_per_account(home: Path) -> None:
     assert keys == {"same.111111111111.us-east-1", "same.222222222222.us-east-1"}
     service.create(make_request("home-job"))
     assert service.get("home-job").job_key == "home-job"  # the home account keeps plain keys
+    beijing = Caller("111111111111", "cn-north-1", "team-a")
+    service.create(make_request("cn-job", RoleArn="arn:aws-cn:iam::111111111111:role/r"), beijing)
+    assert service.get("cn-job", beijing).arn == "arn:aws-cn:sagemaker:cn-north-1:111111111111:optimization-job/cn-job"
 
 
 _V1_SCHEMA = """

@@ -26,6 +26,7 @@ from optjob.jobs.logs import JobLog
 from optjob.jobs.outcomes import clip_reason, end_stopping, fail, timeout_reason
 from optjob.jobs.service import JobService, describe_record
 from optjob.jobs.store import JobRecord, Store, now_ms, starting_record
+from optjob.jobs.tenancy import home_caller
 from optjob.jobs.worker import process_ctime
 from optjob.pipeline.plan import Plan
 from optjob.settings import Settings
@@ -109,9 +110,10 @@ class ControlPlaneState:
         self.settings = settings
         self.store = Store(settings.db_path)
         self.name = request.optimization_job_name
-        self.arn = settings.job_arn(self.name)
+        home = home_caller(settings)
+        self.arn = home.job_arn(self.name)
         self._last_event = 0.0
-        existing = self.store.find(settings.account_id, settings.region, self.name)
+        existing = self.store.find(*home.tenant, self.name)
         if existing is None:
             # start_executor=False: this worker runs the job; a local executor must not start another.
             # It runs with the credentials the scheduler gave its container (the job role of Batch,
@@ -125,7 +127,7 @@ class ControlPlaneState:
                 + (f" and worker pid {existing.worker_pid}" if existing.worker_pid else "")
                 + "; job names must be unique. This worker did not touch it"
             )
-        record = self.store.find(settings.account_id, settings.region, self.name)
+        record = self.store.find(*home.tenant, self.name)
         assert record is not None
         self.key = record.job_key
         self.log = JobLog(record.log_path)

@@ -37,6 +37,7 @@ from optjob.api.shapes import CreateOptimizationJobRequest
 from optjob.errors import JobFailed
 from optjob.jobs.outcomes import signal_name
 from optjob.jobs.store import Store, StoreError
+from optjob.jobs.tenancy import home_caller
 from optjob.pipeline.plan import Plan
 from optjob.settings import Settings, load_settings
 from optjob.storage.s3 import make_client
@@ -138,7 +139,7 @@ class Supervisor:
             state: JobState = (
                 ControlPlaneState(settings, request, plan)
                 if self.options.control_plane and plan is not None
-                else LocalState(request, plan, settings.job_arn(request.optimization_job_name))
+                else LocalState(request, plan, home_caller(settings).job_arn(request.optimization_job_name))
             )
         except ApiError as exc:  # the name is taken in the control plane, or its limit is reached
             self.log.error("control-plane", code=exc.code, message=exc.message)

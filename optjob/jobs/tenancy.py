@@ -22,9 +22,18 @@ import re
 from dataclasses import dataclass
 
 from optjob.api.errors import ApiError, ValidationException
-from optjob.settings import Settings, partition_of
+from optjob.settings import Settings
 
 _ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::(\d{12}):role/")
+
+
+def partition_of(region: str) -> str:
+    """The ARN partition a region belongs to."""
+    if region.startswith("cn-"):
+        return "aws-cn"
+    if region.startswith("us-gov-"):
+        return "aws-us-gov"
+    return "aws"
 
 
 class AccessDenied(ApiError):
