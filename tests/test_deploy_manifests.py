@@ -187,7 +187,7 @@ def stages(path: Path) -> list[list[tuple[str, str]]]:
     return found
 
 
-DOCKERFILES = [REPO / "Dockerfile", REPO / "workers" / "neuron" / "Dockerfile"]
+DOCKERFILES = [REPO / "Dockerfile", REPO / "Dockerfile.neuron"]
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=["cuda", "neuron"])
@@ -224,11 +224,34 @@ def test_cuda_image_pins_torch_and_uses_a_runtime_base() -> None:
 
 
 def test_neuron_image_documents_the_neuron_repository() -> None:
-    path = REPO / "workers" / "neuron" / "Dockerfile"
+    path = REPO / "Dockerfile.neuron"
     text = path.read_text()
     assert "pip.repos.neuron.amazonaws.com" in text and "Neuron repository" in text
     args = {rest.split("=")[0]: rest.partition("=")[2] for k, rest in instructions(path) if k == "ARG"}
     assert args["NEURON_BASE"].startswith("public.ecr.aws/neuron/")
+
+
+def test_neuron_image_pins_what_the_neuron_plans_name() -> None:
+    """optimum-neuron refuses a neuron_config.json naming another optimum-neuron or compiler, so the worker
+    image, its base's SDK release and the serving image must all be the releases configs/neuron.yaml plans."""
+    import yaml
+
+    rules = yaml.safe_load((REPO / "configs" / "neuron.yaml").read_text())
+    pins = dict(
+        line.split("==") for line in (REPO / "envs" / "neuron-worker.in").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )  # fmt: skip
+    assert pins["optimum-neuron[neuronx]"] == rules["optimum_neuron"]
+    assert rules["neuronx_cc"].split("+")[0] == pins["neuronx-cc"]
+    path = REPO / "Dockerfile.neuron"
+    args = {rest.split("=")[0]: rest.partition("=")[2] for k, rest in instructions(path) if k == "ARG"}
+    assert args["NEURON_BASE"].endswith(f"-sdk{rules['neuron_sdk']}-ubuntu22.04")
+    serving = yaml.safe_load((REPO / "configs" / "images.yaml").read_text())["frameworks"]["neuronx"]["tag"]
+    assert f"optimum{rules['optimum_neuron']}-neuronx" in serving and f"sdk{rules['neuron_sdk']}" in serving
+    final = stages(path)[-1]
+    env = " ".join(rest for k, rest in final if k == "ENV")
+    assert "OPTJOB_NEURON_ENV=/opt/neuron" in env
+    assert any(k == "COPY" and rest == "--from=build /opt/neuron /opt/neuron" for k, rest in final)
 
 
 def test_dockerignore_keeps_what_the_images_copy() -> None:

@@ -22,7 +22,10 @@ def test_other_account_regions_and_frameworks():
     assert recommended_image("tensorrtllm", "af-south-1").startswith(
         "626614931356.dkr.ecr.af-south-1.amazonaws.com/djl-inference:0.33.0-tensorrtllm"
     )
-    assert recommended_image("neuronx", "us-east-1").endswith(":0.30.0-neuronx-sdk2.20.1")
+    assert recommended_image("neuronx", "us-east-1") == (
+        "763104351884.dkr.ecr.us-east-1.amazonaws.com/huggingface-vllm-inference-neuronx:"
+        "0.11.0-optimum0.4.5-neuronx-py310-sdk2.26.1-ubuntu22.04"
+    )
 
 
 def test_explicit_image_wins():

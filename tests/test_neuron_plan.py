@@ -13,7 +13,6 @@ environment (about 1.5 minutes and 1.2 GB the first time); CI never sets it.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -144,17 +143,6 @@ def test_validate_prints_the_plan_and_refuses_what_optimum_neuron_refuses(tmp_pa
     assert refused.exit_code == 1 and "model_type 'mistral' is not supported" in refused.output
 
 
-@pytest.fixture(scope="module")
-def neuron_python() -> str:
-    if os.environ.get("OPTJOB_SKIP_NEURON_CROSSCHECK") == "1":
-        pytest.skip("OPTJOB_SKIP_NEURON_CROSSCHECK=1")
-    built = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "neuron_env.sh")], capture_output=True, text=True, timeout=1200
-    )
-    assert built.returncode == 0, f"building the optimum-neuron side environment failed:\n{built.stderr[-4000:]}"
-    return built.stdout.strip().splitlines()[-1]
-
-
 def _theirs(python: str, config: dict, family: str, batch: int, sequence: int | None, degree: int) -> dict:
     request = {
         "config": config, "batch_size": batch, "sequence_length": sequence, "tensor_parallel_size": degree,
@@ -187,7 +175,7 @@ def test_plans_equal_optimum_neurons_own(neuron_python: str) -> None:
         assert ours["target"] == their["env_NEURON_PLATFORM_TARGET_OVERRIDE"], name
 
 
-def test_a_job_refuses_the_model_before_looking_for_the_sdk(tmp_path: Path) -> None:
+def test_a_job_refuses_the_model_before_looking_for_the_sdk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from optjob.errors import InputError, ToolchainMissing
     from optjob.pipeline.stage import StageContext, technique_for
     from optjob.targets.catalog import instance
@@ -204,7 +192,9 @@ def test_a_job_refuses_the_model_before_looking_for_the_sdk(tmp_path: Path) -> N
     with pytest.raises(InputError, match="cannot be compiled for Neuron as requested: model_type 'mistral'"):
         tech.run(stage, ctx)
     (model / "config.json").write_text(json.dumps(LLAMA))
-    with pytest.raises(ToolchainMissing, match="neuronx_cc"):  # a plannable model on a host without the SDK
+    monkeypatch.setenv("OPTJOB_NEURON_ENV", str(tmp_path / "no-such-env"))
+    # a plannable model on a host without optimum-neuron's environment
+    with pytest.raises(ToolchainMissing, match="optimum-neuron 0.4.5 in its own environment, and there is none"):
         tech.run(stage, ctx)
 
 

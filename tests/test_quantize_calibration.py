@@ -63,3 +63,16 @@ def test_s3_uri_goes_through_the_storage_client():
     assert isinstance(source_for("s3://b/k.jsonl", FakeStorage()), StorageCalibrationSource)
     assert isinstance(source_for("/x.jsonl"), LocalCalibrationSource)
     assert load_texts("s3://b/k.jsonl", storage=FakeStorage()) == ["from s3"]
+
+
+def test_an_s3_calibration_prefix_is_read_with_the_jobs_own_s3_settings(s3_bucket):
+    """What a job passes its stages (its S3 settings, role credentials included) reads a real bucket."""
+    from optjob.storage.s3 import S3Settings
+
+    s3_bucket.client.put_object(Bucket=s3_bucket.name, Key="calib/a.jsonl", Body=b'{"text": "first"}\n')
+    s3_bucket.client.put_object(Bucket=s3_bucket.name, Key="calib/b.jsonl", Body=b'{"text": "second"}\n')
+    s3_bucket.client.put_object(Bucket=s3_bucket.name, Key="calib/notes.txt", Body=b"not calibration")
+    assert load_texts(s3_bucket.uri("calib/"), storage=S3Settings()) == ["first", "second"]
+    assert load_texts(s3_bucket.uri("calib/b.jsonl"), storage=S3Settings()) == ["second"]
+    with pytest.raises(InputError, match="missing.jsonl"):
+        load_texts(s3_bucket.uri("calib/missing.jsonl"), storage=S3Settings())

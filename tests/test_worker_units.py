@@ -139,7 +139,7 @@ def test_tensorrt_llm_build_needs_the_targets_gpu() -> None:
 def test_neuron_compilation_needs_the_compiler_not_a_device() -> None:
     _, plan = example_plan("neuron-compile-inf2-48xlarge.json")
     assert refusal(plan, CPU, has_toolchain=lambda _: True) is None
-    assert "drives neuronx_cc, which is not installed" in (refusal(plan, CPU, has_toolchain=lambda _: False) or "")
+    assert "drives neuron_env, which is not installed" in (refusal(plan, CPU, has_toolchain=lambda _: False) or "")
 
 
 def test_eagle_needs_any_nvidia_gpu() -> None:

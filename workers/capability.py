@@ -30,7 +30,8 @@ _ENGINE_LABELS = {
 }
 _TOOLCHAIN_HINTS = {
     "tensorrt_llm": "the tensorrt-llm package from NVIDIA's index; use the CUDA worker image built with it",
-    "neuronx_cc": "neuronx-cc from the AWS Neuron repository; use the Neuron worker image (workers/neuron)",
+    "neuron_env": "optimum-neuron's environment (OPTJOB_NEURON_ENV); use the Neuron worker image built from "
+    "Dockerfile.neuron, or scripts/neuron_env.sh where compile-cache hits are enough",
 }
 
 

@@ -26,6 +26,10 @@ from typing import Any
 
 import psutil
 
+from optjob.techniques.compile.neuron_env import TOOLCHAIN as NEURON_TOOLCHAIN
+from optjob.techniques.compile.neuron_env import present as neuron_env_present
+from optjob.techniques.compile.neuron_plan import neuron_rules
+
 _TOOL_TIMEOUT_S = 20.0
 _NEURON_PACKAGES = ("neuronx-cc", "torch-neuronx", "libneuronxla", "optimum-neuron")
 _NEURON_SDK_RELEASE = Path("/opt/aws/neuron/RELEASE")  # not always present; read when it is
@@ -223,7 +227,10 @@ def detect_host(dev_dir: Path | str = "/dev") -> HostInfo:
 
 
 def toolchain_present(module: str) -> bool:
-    """Whether a technique's toolchain module (e.g. ``tensorrt_llm``, ``neuronx_cc``) is importable."""
+    """Whether a technique's toolchain is here: a module importable in optjob's environment (e.g.
+    ``tensorrt_llm``), or, for ``neuron_env``, optimum-neuron's own environment beside it."""
+    if module == NEURON_TOOLCHAIN:
+        return neuron_env_present(os.environ, neuron_rules().optimum_neuron)
     try:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):

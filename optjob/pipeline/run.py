@@ -107,7 +107,7 @@ def run_plan(
                 plan, streaming, job_arn=job_arn, work_dir=work_dir, events=events, cancel=cancel, storage=storage
             )
         source = fetch_source(plan, work_dir, settings=storage, events=events, cancel=cancel)
-        final_dir, outcome = run_stages(plan, source.path, work_dir, events=events, cancel=cancel)
+        final_dir, outcome = run_stages(plan, source.path, work_dir, events=events, cancel=cancel, storage=storage)
         cancel.raise_if_cancelled()
         manifest = build_manifest(plan, job_arn, source, outcome.metrics, outcome.warnings)
         outcome.published = publish_output(plan, final_dir, manifest, settings=storage, events=events, cancel=cancel)

@@ -10,13 +10,17 @@ export (``neuron_plan``); requests optimum-neuron would refuse are refused with 
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
 from optjob.errors import InputError
+from optjob.package.serving import write_serving_properties
 from optjob.pipeline.env import env_to_properties, tensor_parallel_degree
 from optjob.pipeline.stage import (
     PlanError,
@@ -29,10 +33,36 @@ from optjob.pipeline.stage import (
 )
 from optjob.targets.catalog import InstanceSpec
 from optjob.techniques._pending import driver_not_in_build, require_toolchain
-from optjob.techniques.compile.neuron_plan import NeuronExportPlan, NeuronPlanError, NeuronRequest, plan_export
+from optjob.techniques.compile.neuron_cache import CacheKey, cache_root
+from optjob.techniques.compile.neuron_compile import export_input, run_neuron_compile
+from optjob.techniques.compile.neuron_env import TOOLCHAIN as NEURON_ENV_TOOLCHAIN
+from optjob.techniques.compile.neuron_env import cache_entry, locate
+from optjob.techniques.compile.neuron_env import present as neuron_env_present
+from optjob.techniques.compile.neuron_layout import REQUIRED as ARTIFACT_FILES
+from optjob.techniques.compile.neuron_layout import SHARDS
+from optjob.techniques.compile.neuron_plan import (
+    TASK,
+    NeuronExportPlan,
+    NeuronPlanError,
+    NeuronRequest,
+    neuron_rules,
+    plan_export,
+)
 
 TRTLLM_QUANTIZE = ("awq", "fp8", "smoothquant")
 NEURON_DTYPES = ("fp16", "bf16", "fp32")
+NEURON_PROPERTY_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def neuron_serving_environment(neuron_config: Mapping[str, Any]) -> dict[str, str]:
+    """What the Hugging Face vLLM Neuron container (optimum-neuron's ``neuron serve``) reads: the model
+    directory and the limits it was compiled for, which it checks against ``neuron_config.json``."""
+    return {
+        "SM_ON_MODEL": "/opt/ml/model",
+        "SM_ON_TENSOR_PARALLEL_SIZE": str(neuron_config["tp_degree"]),
+        "SM_ON_BATCH_SIZE": str(neuron_config["batch_size"]),
+        "SM_ON_SEQUENCE_LENGTH": str(neuron_config["sequence_length"]),
+    }
 
 
 def _positive_int(env: Mapping[str, str], name: str, default: int | None, *, path: str) -> int | None:
@@ -83,6 +113,10 @@ class CompilationTechnique(Technique):
         dtype = env.get("OPTION_DTYPE")
         if dtype is not None and dtype not in NEURON_DTYPES:
             raise PlanError(f"OPTION_DTYPE='{dtype}' at '{path}' is not one of {', '.join(NEURON_DTYPES)}")
+        try:
+            cache = cache_root(env, path=path)
+        except InputError as exc:
+            raise PlanError(str(exc)) from None
         params = {
             "instance_type": target.instance_family,
             "tensor_parallel_degree": degree,
@@ -90,6 +124,7 @@ class CompilationTechnique(Technique):
             "n_positions": _positive_int(env, "OPTION_N_POSITIONS", None, path=path),
             "dtype": dtype,
             "optimize_level": _positive_int(env, "OPTION_NEURON_OPTIMIZE_LEVEL", None, path=path),
+            "compile_cache": cache.uri if cache else None,
         }
         return PlannedStage(
             technique=self.config_member,
@@ -99,7 +134,7 @@ class CompilationTechnique(Technique):
             env=env,
             image=image,
             image_framework="neuronx",
-            needs=StageNeeds(toolchain="neuronx_cc"),
+            needs=StageNeeds(toolchain=NEURON_ENV_TOOLCHAIN),
             serving_properties={**env_to_properties(env), "option.model_id": "./optimized_model"},
         )
 
@@ -117,6 +152,7 @@ class CompilationTechnique(Technique):
             return []
         plan = self.neuron_export(stage, config)
         heads = plan.attention_sharding
+        last_rank = plan.neuron_config["tp_degree"] - 1
         return [
             f"optimum-neuron {plan.neuron_config['optimum_neuron_version']} export for {plan.model_type}, "
             f"target {plan.target}:",
@@ -125,7 +161,34 @@ class CompilationTechnique(Technique):
             f"  neuronx-cc {plan.neuron_config['neuronxcc_version']}: {plan.compiler_args}",
             f"  attention: {heads.strategy}, {heads.num_attention_heads} heads / {heads.num_key_value_heads} KV "
             f"heads after padding, {heads.heads_per_rank} / {heads.kv_heads_per_rank} per rank",
+            f"  artifact: {', '.join(ARTIFACT_FILES)}, then the weights: {SHARDS}/tp{{0..{last_rank}}}_sharded_"
+            "checkpoint.safetensors (compiled here) or the model's own safetensors, sharded at load time (a "
+            "compile-cache hit)",
+            *self._cache_lines(stage, config, plan),
             *(f"  warning: {warning}" for warning in plan.warnings),
+        ]
+
+    @staticmethod
+    def _cache_lines(stage: PlannedStage, config: Mapping[str, Any], plan: NeuronExportPlan) -> list[str]:
+        uri = stage.params.get("compile_cache")
+        if not uri:
+            return ["  compile cache: none (set OPTION_NEURON_COMPILE_CACHE_URL=s3://... to share compiled models)"]
+        rules = neuron_rules()
+        if not neuron_env_present(os.environ, rules.optimum_neuron):
+            return [
+                f"  compile cache: {uri}; the entry key is optimum-neuron's own, computed in its environment, "
+                "which this host lacks (scripts/neuron_env.sh builds it)"
+            ]
+        with tempfile.TemporaryDirectory() as scratch:
+            (Path(scratch) / "config.json").write_text(json.dumps(dict(config)), encoding="utf-8")
+            model = export_input(Path(scratch), Path(scratch) / "export", plan.export_dtype)
+            entry = cache_entry(locate(os.environ, rules.optimum_neuron), model_dir=model, model_id="optjob/JOB",
+                                task=TASK, neuron_config=plan.neuron_config)  # fmt: skip
+        key = CacheKey(neuronxcc=plan.neuron_config["neuronxcc_version"], optimum_neuron=rules.optimum_neuron,
+                       arch_digest=entry["arch_digest"], hash=entry["hash"])  # fmt: skip
+        return [
+            f"  compile cache: {uri}; looks up {key.registry_dir()}*.json for this neuron config, stores the "
+            f"compiled model under {key.artifact_prefix('<entry hash>')}"
         ]
 
     @staticmethod
@@ -153,21 +216,39 @@ class CompilationTechnique(Technique):
 
     def run(self, stage: PlannedStage, ctx: StageContext) -> StageResult:
         if stage.engine == "neuronx-cc":
-            # The model's half of the plan first: a refusal names the model's problem, not a missing SDK.
-            try:
-                self.neuron_export(stage, json.loads((ctx.input_dir / "config.json").read_text(encoding="utf-8")))
-            except NeuronPlanError as exc:
-                raise InputError(f"This model cannot be compiled for Neuron as requested: {exc}.") from None
-            require_toolchain(
-                "Neuron compilation",
-                {
-                    "neuronx_cc": "neuronx-cc from the AWS Neuron repository, not PyPI",
-                    "optimum.neuron": "optimum-neuron[neuronx]",
-                },
-            )
-        else:
-            require_toolchain(
-                "TensorRT-LLM compilation",
-                {"tensorrt_llm": "tensorrt-llm from NVIDIA's package index, on a host with the target's GPU"},
-            )
+            return self._run_neuron(stage, ctx)
+        require_toolchain(
+            "TensorRT-LLM compilation",
+            {"tensorrt_llm": "tensorrt-llm from NVIDIA's package index, on a host with the target's GPU"},
+        )
         raise driver_not_in_build(self.config_member, "compilation driver")
+
+    def _run_neuron(self, stage: PlannedStage, ctx: StageContext) -> StageResult:
+        # The model's half of the plan first: a refusal names the model's problem, not a missing SDK.
+        try:
+            plan = self.neuron_export(stage, json.loads((ctx.input_dir / "config.json").read_text(encoding="utf-8")))
+        except NeuronPlanError as exc:
+            raise InputError(f"This model cannot be compiled for Neuron as requested: {exc}.") from None
+        result = run_neuron_compile(plan, ctx)
+        config = plan.neuron_config
+        serving = {
+            **stage.serving_properties,
+            "option.tensor_parallel_degree": str(config["tp_degree"]),
+            "option.n_positions": str(config["sequence_length"]),
+            "option.max_rolling_batch_size": str(config["batch_size"]),
+            "option.dtype": NEURON_PROPERTY_DTYPES[plan.export_dtype],
+        }
+        serve_env = neuron_serving_environment(config)
+        write_serving_properties(
+            ctx.output_dir,
+            serving,
+            comments=[
+                f"Compiled by optimum-neuron {config['optimum_neuron_version']} with neuronx-cc "
+                f"{config['neuronxcc_version']} for {plan.target}; serve it where both match.",
+                "Hugging Face vLLM Neuron image (the recommended image) takes the same limits as environment:",
+                " ".join(f"{k}={v}" for k, v in serve_env.items()),
+            ],
+        )
+        result.metrics["serving_environment"] = serve_env
+        result.warnings.extend(w for w in plan.warnings if w not in result.warnings)
+        return result

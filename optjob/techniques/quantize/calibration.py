@@ -24,6 +24,8 @@ from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlparse
 
 from optjob.errors import InputError
+from optjob.storage.objects import ObjectReader
+from optjob.storage.s3 import S3Settings
 
 BUILTIN = "builtin"
 BUILTIN_FILE = "stdlib_docstrings.jsonl"
@@ -88,6 +90,8 @@ def source_for(uri: str, storage: Any = None) -> CalibrationSource:
                 f"OPTION_CALIB_DATASET={uri}: no storage client is configured for this worker. Run the job through "
                 "optjob (run, serve or the worker entrypoint), which gives it one"
             )
+        if isinstance(storage, S3Settings):  # what the job runner passes: the job's own S3 settings
+            storage = ObjectReader(storage)
         return StorageCalibrationSource(storage)
     return LocalCalibrationSource()
 
