@@ -372,3 +372,31 @@ def test_validate_plans_the_inf2_example_with_its_cache_path(neuron_env: Path, t
     )  # fmt: skip
     registry = f"{COMPILER}/0_REGISTRY/0.4.5/{entry['arch_digest']}/*.json"
     assert f"compile cache: s3://optjob-neuron-cache/compile-cache/; looks up {registry}" in result.output
+
+
+def test_a_stored_entry_is_found_fetched_and_checked(s3_bucket: S3Bucket, tmp_path: Path) -> None:
+    """What a Neuron worker writes after a compile (files, registry entry, manifest last) is the next job's hit."""
+    from optjob.pipeline.events import NULL_SINK
+    from optjob.storage.s3 import S3Settings, make_client
+    from optjob.storage.uri import parse_s3_uri
+    from optjob.techniques.compile.neuron_cache import CacheKey, NeuronCompileCache
+
+    planned = {"tp_degree": 2, "batch_size": 1, "checkpoint_id": None, "torch_dtype": "bfloat16"}
+    compiled = _layout(tmp_path / "compiled", planned, ranks=2)
+    cache = NeuronCompileCache(parse_s3_uri(s3_bucket.uri("cache/")), make_client(S3Settings()), S3Settings())
+    key = CacheKey(neuronxcc="2.21.33363.0+82129205", optimum_neuron="0.4.5", arch_digest="ab" * 32, hash="0123")
+    serialized = json.dumps({"_entry_class": "SingleModelCacheEntry", "_model_id": "optjob/job-1", "neuron": planned})
+    manifest = cache.store(key, serialized, compiled, events=NULL_SINK, cancel=CancelToken())
+    prefix = f"cache/{COMPILER}"
+    assert s3_bucket.keys("cache/") == sorted([
+        f"{prefix}/0_OPTJOB/0.4.5/{'ab' * 32}/0123/{name}"
+        for name in ("config.json", "model.pt", "neuron_config.json", "optjob-entry.json")
+    ] + [f"{prefix}/0_REGISTRY/0.4.5/{'ab' * 32}/0123.json"])  # fmt: skip
+    assert manifest == s3_bucket.uri(f"{prefix}/0_OPTJOB/0.4.5/{'ab' * 32}/0123/optjob-entry.json")
+    # another job's export of the same architecture: another entry hash, the same neuron config (a hub id aside)
+    other = key.model_copy(update={"hash": "4567"})
+    hit, notes = cache.lookup(other, {**planned, "checkpoint_id": "org/model"})
+    assert hit is not None and hit.entry_hash == "0123" and notes == []
+    fetched = cache.fetch(other, hit, tmp_path / "fetched", planned, events=NULL_SINK, cancel=CancelToken())
+    assert [p.read_bytes() for p in fetched] == [(compiled / p.name).read_bytes() for p in fetched]
+    assert cache.lookup(other, {**planned, "batch_size": 4}) == (None, [])
