@@ -16,8 +16,6 @@ ARG CUDA_BASE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
 FROM ${CUDA_BASE} AS build
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
-# 1 adds TensorRT-LLM (NVIDIA's index) for ModelCompilationConfig on CUDA targets; it is large.
-ARG WITH_TENSORRT_LLM=0
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
@@ -31,9 +29,6 @@ RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 COPY optjob ./optjob
 COPY workers ./workers
 RUN pip install --constraint requirements.lock . \
- && if [ "${WITH_TENSORRT_LLM}" = "1" ]; then \
-      pip install --extra-index-url https://pypi.nvidia.com tensorrt-llm; \
-    fi \
  && find /opt/optjob -name '__pycache__' -prune -exec rm -rf {} + \
  && optjob-worker --version
 

@@ -7,7 +7,9 @@
    model, quantizes it to FP8 shard by shard, verifies it and publishes it;
 5. prints the DescribeOptimizationJob response and the published files;
 6. shards the same model for vLLM at tensor parallel degree 2 (configs/examples/shard-tp2-g6-12xlarge.json)
-   and prints the per-rank files and the sharding gate's figures, then stops the server.
+   and prints the per-rank files and the sharding gate's figures;
+7. compiles it for TensorRT-LLM and vLLM on an L4 target (configs/examples/compile-fp8-g6-12xlarge.json:
+   Model Optimizer FP8 with an FP8 KV cache) and prints the runtime options, then stops the server.
 
 Everything goes through the same commands a user runs; the AWS settings are the standard variables.
 """
@@ -29,6 +31,7 @@ from optjob.testing.tiny_model import build_tiny_llama  # noqa: E402
 
 EXAMPLE = ROOT / "configs" / "examples" / "fp8-g6-12xlarge.json"
 SHARD_EXAMPLE = ROOT / "configs" / "examples" / "shard-tp2-g6-12xlarge.json"
+COMPILE_EXAMPLE = ROOT / "configs" / "examples" / "compile-fp8-g6-12xlarge.json"
 WORK = ROOT / ".optjob-quickstart"
 
 
@@ -126,7 +129,24 @@ def main() -> int:
             )
             print("serve with: vllm serve DIR --load-format sharded_state --tensor-parallel-size "
                   f"{figures['tensor_parallel_degree']}")  # fmt: skip
-    return run.returncode or sharded.returncode
+
+        banner(f"compiling the same model for TensorRT-LLM and vLLM: {COMPILE_EXAMPLE.relative_to(ROOT)}")
+        spec = json.loads(COMPILE_EXAMPLE.read_text())
+        spec["OptimizationJobName"] = f"quickstart-compile-{time.strftime('%Y%m%d-%H%M%S')}"
+        spec["OutputConfig"]["S3OutputLocation"] = f"s3://optjob-output/{spec['OptimizationJobName']}/"
+        compile_path = WORK / "compile-spec.json"
+        compile_path.write_text(json.dumps(spec, indent=2))
+        started = time.monotonic()
+        compiled = optjob("run", str(compile_path), env=env, check=False)
+        print(f"job finished in {time.monotonic() - started:.1f} s with exit status {compiled.returncode}")
+        prefix = spec["OptimizationJobName"] + "/"
+        for item in client.list_objects_v2(Bucket="optjob-output", Prefix=prefix).get("Contents", []):
+            print(f"{item['Size']:>12,d}  {item['Key'][len(prefix) :]}")
+        if compiled.returncode == 0:
+            options = client.get_object(Bucket="optjob-output", Key=prefix + "llm_api_options.yaml")["Body"].read()
+            print("\n" + options.decode().strip())
+            print("serve with: trtllm-serve DIR --extra_llm_api_options DIR/llm_api_options.yaml  (or vllm serve DIR)")
+    return run.returncode or sharded.returncode or compiled.returncode
 
 
 if __name__ == "__main__":

@@ -25,3 +25,16 @@ def neuron_python() -> str:
     )
     assert built.returncode == 0, f"building the optimum-neuron side environment failed:\n{built.stderr[-4000:]}"
     return built.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> str:
+    """The interpreter of the vLLM 0.32.0 side environment (scripts/vllm_env.sh builds it once: about
+    2 minutes and 3.5 GB). OPTJOB_SKIP_VLLM_CROSSCHECK=1 skips what needs it."""
+    if os.environ.get("OPTJOB_SKIP_VLLM_CROSSCHECK") == "1":
+        pytest.skip("OPTJOB_SKIP_VLLM_CROSSCHECK=1")
+    built = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "vllm_env.sh")], capture_output=True, text=True, timeout=1200
+    )
+    assert built.returncode == 0, f"building the vLLM side environment failed:\n{built.stderr[-4000:]}"
+    return built.stdout.strip().splitlines()[-1]

@@ -31,15 +31,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def vllm_python() -> str:
-    built = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "vllm_env.sh")], capture_output=True, text=True, timeout=1200
-    )
-    assert built.returncode == 0, f"building the vLLM side environment failed:\n{built.stderr[-4000:]}"
-    return built.stdout.strip().splitlines()[-1]
-
-
 CASES = [
     # Llama: vocabulary 500 (not a multiple of 64), 2 KV heads: split at TP 2, replicated at TP 4.
     ("llama", 2, {}),

@@ -240,15 +240,15 @@ def test_gated_source_bucket_is_refused_before_download(s3_bucket: S3Bucket, tmp
 
 
 def test_hardware_job_is_refused_on_a_cpu_host(s3_bucket: S3Bucket, tmp_path: Path) -> None:
-    spec = fp8_spec("trt-on-cpu", s3_bucket.uri("models/none/"), s3_bucket.uri("out/trt/"),
+    spec = fp8_spec("eagle-on-cpu", s3_bucket.uri("models/none/"), s3_bucket.uri("out/eagle/"),
                     DeploymentInstanceType="ml.p5.48xlarge",
-                    OptimizationConfigs=[{"ModelCompilationConfig": {}}])  # fmt: skip
+                    OptimizationConfigs=[{"ModelSpeculativeDecodingConfig": {"Technique": "EAGLE"}}])  # fmt: skip
     code, log, _ = run_worker(worker_env(s3_bucket, tmp_path, OPTJOB_SPEC=json.dumps(spec)))
     assert code == exitcodes.EXIT_HOST
-    reason = as_describe(read_status(s3_bucket, "out/trt/") or {}).failure_reason or ""
-    assert "TensorRT-LLM compilation for ml.p5.48xlarge (8 x H100, sm_90)" in reason
-    assert "needs an NVIDIA GPU with compute capability 9.0 on this host; found: CPU only" in reason
-    assert_nothing_published(s3_bucket, "out/trt/")
+    reason = as_describe(read_status(s3_bucket, "out/eagle/") or {}).failure_reason or ""
+    assert "SpeculativeDecoding (eagle3) for ml.p5.48xlarge (8 x H100, sm_90)" in reason
+    assert "needs an NVIDIA GPU on this host; found: CPU only" in reason
+    assert_nothing_published(s3_bucket, "out/eagle/")
 
 
 # --- stopping ------------------------------------------------------------------------------------

@@ -27,8 +27,6 @@ from workers.status import EXTENSION, StatusWriter, interval_from_env
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "configs" / "examples"
 CPU = HostInfo(cpu_count=2, memory_gib=8.0)
-H100 = HostInfo(cpu_count=192, memory_gib=2048, gpus=(Gpu("NVIDIA H100 80GB HBM3", 81559, "9.0"),) * 8,
-                cuda_driver_version="12.8")  # fmt: skip
 L4 = HostInfo(cpu_count=48, memory_gib=192, gpus=(Gpu("NVIDIA L4", 23034, "8.9"),) * 4, cuda_driver_version="12.4")
 
 
@@ -39,7 +37,7 @@ def example_plan(name: str, **changes: Any) -> tuple[CreateOptimizationJobReques
     return request, build_plan(request, region="us-east-1")
 
 
-def trt_plan() -> Plan:
+def cuda_compile_plan() -> Plan:
     return example_plan(
         "fp8-g6-12xlarge.json", DeploymentInstanceType="ml.p5.48xlarge", OptimizationEnvironment={},
         OptimizationConfigs=[{"ModelCompilationConfig": {}}],
@@ -122,18 +120,19 @@ def test_data_free_fp8_runs_on_any_host() -> None:
     assert refusal(plan, L4) is None
 
 
-def test_tensorrt_llm_build_needs_the_targets_gpu() -> None:
-    plan = trt_plan()
-    assert refusal(plan, CPU, has_toolchain=lambda _: True) == (
-        "This host cannot run the job: TensorRT-LLM compilation for ml.p5.48xlarge (8 x H100, sm_90) needs an "
-        "NVIDIA GPU with compute capability 9.0 on this host; found: CPU only (2 cores, 8.0 GiB). Run it on a "
-        "host that has what is missing."
-    )
-    on_l4 = refusal(plan, L4, has_toolchain=lambda _: True) or ""
-    assert "compute capability 9.0" in on_l4 and "found: 4 x NVIDIA L4 (sm_89), CUDA 12.4" in on_l4
-    assert refusal(plan, H100, has_toolchain=lambda _: True) is None
-    missing = refusal(plan, H100, has_toolchain=lambda _: False) or ""
-    assert "drives tensorrt_llm, which is not installed on this host" in missing
+def test_cuda_compilation_runs_on_any_host() -> None:
+    """Model Optimizer's checkpoint does not depend on the GPU it is made on (no engine build any more)."""
+    plan = cuda_compile_plan()
+    assert plan.stages[0].engine == "modelopt" and not plan.stages[0].needs.accelerator
+    assert refusal(plan, CPU, has_toolchain=lambda _: False) is None
+    assert refusal(plan, L4) is None
+
+
+def test_a_toolchain_the_host_lacks_is_named_with_how_to_get_it() -> None:
+    _, plan = example_plan("neuron-compile-inf2-48xlarge.json")
+    missing = refusal(plan, CPU, has_toolchain=lambda _: False) or ""
+    assert missing.startswith("This host cannot run the job: Neuron compilation for ml.inf2.48xlarge drives neuron_env")
+    assert "Dockerfile.neuron" in missing
 
 
 def test_neuron_compilation_needs_the_compiler_not_a_device() -> None:

@@ -3,12 +3,11 @@
 Each planned stage carries ``needs`` (``optjob.pipeline.stage.StageNeeds``): whether it must run
 on an accelerator, and which external toolchain it drives. The rules:
 
-* a stage that needs an accelerator for a CUDA target needs at least one NVIDIA GPU here; if it
-  also drives TensorRT-LLM, whose engines are built for one GPU architecture, a GPU here must
-  have the target's compute capability (an engine built on an L4 does not load on an H100);
+* a stage that needs an accelerator for a CUDA target needs at least one NVIDIA GPU here (CUDA
+  compilation does not: Model Optimizer's checkpoint does not depend on the GPU it was made on);
 * a stage that needs an accelerator for a Neuron target needs a Neuron device here;
-* a stage that drives a toolchain needs it importable here (neuronx-cc compiles on any x86 host,
-  so Neuron compilation needs the compiler, not a device);
+* a stage that drives a toolchain needs it here (neuronx-cc compiles on any x86 host, so Neuron
+  compilation needs optimum-neuron's environment, not a device);
 * everything else (data-free FP8, checkpoint conversion, sharding) runs on any host, CPU included.
 
 Refusing up front turns "the scheduler put the job on the wrong host" into one clear FailureReason
@@ -25,11 +24,10 @@ from workers.host import HostInfo, toolchain_present
 
 # How a person calls each engine; anything not listed is "<OptimizationType> (<engine>)".
 _ENGINE_LABELS = {
-    "tensorrt-llm": "TensorRT-LLM compilation",
+    "modelopt": "CUDA compilation (Model Optimizer)",
     "neuronx-cc": "Neuron compilation",
 }
 _TOOLCHAIN_HINTS = {
-    "tensorrt_llm": "the tensorrt-llm package from NVIDIA's index; use the CUDA worker image built with it",
     "neuron_env": "optimum-neuron's environment (OPTJOB_NEURON_ENV); use the Neuron worker image built from "
     "Dockerfile.neuron, or scripts/neuron_env.sh where compile-cache hits are enough",
 }
@@ -41,15 +39,11 @@ def stage_label(stage: PlannedStage) -> str:
 
 def _gpu_problem(stage: PlannedStage, plan: Plan, host: HostInfo) -> str | None:
     target = plan.target
-    wanted = target.compute_capability if stage.needs.toolchain == "tensorrt_llm" else None
-    if wanted is not None and wanted in host.capabilities():
+    if host.gpus:
         return None
-    if wanted is None and host.gpus:
-        return None
-    requirement = f"an NVIDIA GPU with compute capability {wanted}" if wanted else "an NVIDIA GPU"
     return (
         f"{stage_label(stage)} for {target.name} ({target.accelerator_count} x {target.accelerator}, "
-        f"sm_{(target.compute_capability or '').replace('.', '')}) needs {requirement} on this host; "
+        f"sm_{(target.compute_capability or '').replace('.', '')}) needs an NVIDIA GPU on this host; "
         f"found: {host.summary()}"
     )
 

@@ -63,8 +63,7 @@ class Plan(BaseModel):
         for index, stage in enumerate(self.stages, 1):
             params = ", ".join(f"{k}={v}" for k, v in stage.params.items())
             lines.append(
-                f"stage {index}: {stage.optimization_type} via {stage.engine}"
-                + (f" ({params})" if params else "")
+                f"stage {index}: {stage.optimization_type} via {stage.engine}" + (f" ({params})" if params else "")
             )
         if self.recommended_image:
             lines.append(f"recommended inference image: {self.recommended_image}")
@@ -128,9 +127,7 @@ def _check_combination(members: list[str], problems: list[str]) -> None:
         seen[member] = seen.get(member, 0) + 1
     for member, count in seen.items():
         if count > rules["max_per_technique"]:
-            problems.append(
-                f"{member} appears {count} times in OptimizationConfigs; give each technique once"
-            )
+            problems.append(f"{member} appears {count} times in OptimizationConfigs; give each technique once")
     for member in rules["exclusive"]:
         if member in seen and len(seen) > 1:
             others = ", ".join(m for m in seen if m != member)
@@ -145,6 +142,25 @@ def _check_combination(members: list[str], problems: list[str]) -> None:
     ranked = [order.index(m) for m in members if m in order]
     if ranked != sorted(ranked):
         problems.append("OptimizationConfigs must be ordered " + " -> ".join(m for m in order if m in seen))
+
+
+def _fold_target(member: str, family: str) -> str | None:
+    for rule in _rules()["combinations"].get("folded", []):
+        if rule["member"] == member and family in rule["families"]:
+            return str(rule["into"])
+    return None
+
+
+def _folded(request: CreateOptimizationJobRequest, family: str) -> dict[str, dict[str, str]]:
+    """Members another member of this job applies itself (configs/techniques.yaml ``folded``), with
+    the OverrideEnvironment each hands over."""
+    members = {config.technique: config for config in request.optimization_configs}
+    found = {}
+    for member, config in members.items():
+        into = _fold_target(member, family)
+        if into is not None and into in members:
+            found[member] = dict(getattr(config.config, "override_environment", None) or {})
+    return found
 
 
 def build_plan(
@@ -162,9 +178,7 @@ def build_plan(
         s3_uri=request.output_config.s3_output_location,
         kms_key_id=request.output_config.kms_key_id,
         model_name=(
-            request.output_config.sage_maker_model.model_name
-            if request.output_config.sage_maker_model
-            else None
+            request.output_config.sage_maker_model.model_name if request.output_config.sage_maker_model else None
         ),
     )
 
@@ -175,10 +189,13 @@ def build_plan(
 
     techniques = _rules()["techniques"]
     defaults = _rules().get("container_defaults", {})
+    folded = _folded(request, target.family)
     stages: list[PlannedStage] = []
     for index, config in enumerate(request.optimization_configs):
         member = config.technique
         path = _member_path(index, member)
+        if member in folded:
+            continue
         families = techniques[member]["families"]
         if target.family not in families:
             problems.append(
@@ -187,11 +204,13 @@ def build_plan(
             )
             continue
         override = getattr(config.config, "override_environment", None)
-        env = layer_env(defaults, request.optimization_environment, override)
+        carried = [folded[m] for m in folded if _fold_target(m, target.family) == member]
+        env = layer_env(defaults, request.optimization_environment, *carried, override)
         try:
             stages.append(technique_for(member).plan(config.config, env, target, path=path))
         except PlanError as exc:
-            problems.append(str(exc))
+            note = f" ({', '.join(folded)} is applied by this {member})" if carried else ""
+            problems.append(str(exc) + note)
 
     if problems:
         raise ValidationException(

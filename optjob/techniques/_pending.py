@@ -7,19 +7,7 @@ ends the job FAILED with a reason that says what is missing, never a silent succ
 
 from __future__ import annotations
 
-import importlib.util
-
-from optjob.errors import InfrastructureError, ToolchainMissing
-
-
-def require_toolchain(technique: str, modules: dict[str, str]) -> None:
-    """Fail with ToolchainMissing naming every absent module and how to get it."""
-    missing = [f"{module} ({how})" for module, how in modules.items() if importlib.util.find_spec(module) is None]
-    if missing:
-        raise ToolchainMissing(
-            f"{technique} needs " + "; ".join(missing) + " on the worker host, and this host has none of it. "
-            "Run the job on a worker that has it, or remove this OptimizationConfig from the request"
-        )
+from optjob.errors import InfrastructureError
 
 
 def driver_not_in_build(technique: str, tracking: str) -> InfrastructureError:

@@ -1,8 +1,12 @@
-"""ModelCompilationConfig: the CUDA (TensorRT-LLM) and Neuron (optimum-neuron) compile techniques.
+"""ModelCompilationConfig: CUDA targets with Model Optimizer, Neuron targets with optimum-neuron.
 
-``neuron_plan`` turns a model's ``config.json`` and the request into the exact export optimum-neuron
-0.4.5 would run (its ``NxDNeuronConfig``, compiler arguments, head sharding and command line), from
-the rules in ``configs/neuron.yaml``; ``technique`` is the plug-in. Importing this package registers it.
+``technique`` is the plug-in (importing this package registers it). Its two halves:
+
+* CUDA: ``cuda_plan`` (rules from ``configs/cuda_compile.yaml``, runtime options) -> ``cuda_compile``
+  (the stage) -> ``modelopt_engine`` (quantize, ``export_hf_checkpoint``) -> ``modelopt_verify`` (gate);
+* Neuron: ``neuron_plan`` (the exact optimum-neuron 0.4.5 export, from ``configs/neuron.yaml``) ->
+  ``neuron_compile`` (the stage) -> ``neuron_env`` / ``neuron_driver`` (optimum-neuron's own interpreter),
+  ``neuron_cache`` (the S3 compile cache) and ``neuron_layout`` (gate).
 """
 
 from optjob.techniques.compile.technique import CompilationTechnique

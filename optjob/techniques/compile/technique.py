@@ -1,10 +1,12 @@
-"""ModelCompilationConfig: TensorRT-LLM for CUDA targets, optimum-neuron (neuronx-cc) for inf2/trn1.
+"""ModelCompilationConfig: Model Optimizer checkpoints for CUDA targets, optimum-neuron for inf2/trn1.
 
-Planning checks what SageMaker's containers check (tensor-parallel degree required on Neuron and
-dividing the device count, the quantization modes a TensorRT-LLM build accepts); the engine build
-must run on the target's accelerator architecture, which the stage declares in ``needs``. On
-Neuron, once the model's ``config.json`` is known, ``neuron_export`` gives the exact optimum-neuron
-export (``neuron_plan``); requests optimum-neuron would refuse are refused with its reason.
+CUDA (``cuda_plan``, ``cuda_compile``): TensorRT-LLM has no engine build any more; its PyTorch
+backend and vLLM load Model Optimizer's unified checkpoint, so compiling is quantizing with Model
+Optimizer, exporting that checkpoint and writing the runtime limits. The checkpoint does not depend on
+the GPU it was made on, so the stage needs no accelerator; the target's compute capability decides
+which schemes are allowed. Neuron (``neuron_plan``, ``neuron_compile``): once the model's
+``config.json`` is known, ``neuron_export`` gives the exact optimum-neuron export; requests
+optimum-neuron would refuse are refused with its reason.
 """
 
 from __future__ import annotations
@@ -32,7 +34,11 @@ from optjob.pipeline.stage import (
     register,
 )
 from optjob.targets.catalog import InstanceSpec
-from optjob.techniques._pending import driver_not_in_build, require_toolchain
+from optjob.techniques._pending import driver_not_in_build
+from optjob.techniques.compile import cuda_plan
+from optjob.techniques.compile.cuda_compile import run_cuda_compile
+from optjob.techniques.compile.cuda_plan import ENGINE as CUDA_ENGINE
+from optjob.techniques.compile.cuda_plan import CudaCompileParams
 from optjob.techniques.compile.neuron_cache import CacheKey, cache_root
 from optjob.techniques.compile.neuron_compile import export_input, run_neuron_compile
 from optjob.techniques.compile.neuron_env import TOOLCHAIN as NEURON_ENV_TOOLCHAIN
@@ -49,7 +55,6 @@ from optjob.techniques.compile.neuron_plan import (
     plan_export,
 )
 
-TRTLLM_QUANTIZE = ("awq", "fp8", "smoothquant")
 NEURON_DTYPES = ("fp16", "bf16", "fp32")
 NEURON_PROPERTY_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
@@ -85,26 +90,25 @@ class CompilationTechnique(Technique):
         if target.family == "neuron":
             return self._plan_neuron(env, target, image, path=path)
         degree = tensor_parallel_degree(env, target, path=path) or 1
-        quantize = env.get("OPTION_QUANTIZE")
-        if quantize is not None and quantize not in TRTLLM_QUANTIZE:
-            raise PlanError(
-                f"OPTION_QUANTIZE='{quantize}' at '{path}' cannot be applied by a TensorRT-LLM build; "
-                f"allowed: {', '.join(TRTLLM_QUANTIZE)}"
+        params = cuda_plan.plan_params(env, target, degree, path=path)
+        scheme = cuda_plan.cuda_rules().schemes[params.quantize]
+        warnings = []
+        if "vllm" not in scheme.consumers:
+            warnings.append(
+                f"OPTION_QUANTIZE={params.quantize}: TensorRT-LLM loads this Model Optimizer checkpoint; vLLM does not "
+                "(it reads the ModelOpt FP8 and NVFP4 families only)"
             )
         return PlannedStage(
             technique=self.config_member,
             optimization_type=self.optimization_type,
-            engine="tensorrt-llm",
-            params={
-                "tensor_parallel_degree": degree,
-                "quantize": quantize,
-                "dtype": env.get("OPTION_DTYPE", "auto"),
-            },
+            engine=CUDA_ENGINE,
+            params=params.model_dump(),
             env=env,
             image=image,
             image_framework="tensorrtllm",
-            needs=StageNeeds(accelerator=True, toolchain="tensorrt_llm"),
-            serving_properties={"engine": "MPI", **env_to_properties(env)},
+            needs=StageNeeds(calibration_data=scheme.calibrated),
+            warnings=tuple(warnings),
+            serving_properties={**env_to_properties(env), **cuda_plan.lmi_properties(params, params.dtype or "auto")},
         )
 
     def _plan_neuron(self, env: dict[str, str], target: InstanceSpec, image: str | None, *, path: str) -> PlannedStage:
@@ -139,6 +143,13 @@ class CompilationTechnique(Technique):
         )
 
     def model_problems(self, stage: PlannedStage, config: Mapping[str, Any], target: InstanceSpec) -> list[str]:
+        if stage.engine == CUDA_ENGINE:
+            problems = cuda_plan.model_problems(CudaCompileParams(**stage.params), config)
+            if config.get("quantization_config"):
+                method = config["quantization_config"].get("quant_method", "unknown")
+                problems.insert(0, f"the model is already quantized (quantization_config.quant_method={method}); "
+                                   "compile its unquantized source instead")  # fmt: skip
+            return problems
         if stage.engine != "neuronx-cc":
             return []
         try:
@@ -148,6 +159,8 @@ class CompilationTechnique(Technique):
         return []
 
     def model_plan_lines(self, stage: PlannedStage, config: Mapping[str, Any], target: InstanceSpec) -> list[str]:
+        if stage.engine == CUDA_ENGINE:
+            return cuda_plan.plan_lines(CudaCompileParams(**stage.params))
         if stage.engine != "neuronx-cc":
             return []
         plan = self.neuron_export(stage, config)
@@ -217,11 +230,13 @@ class CompilationTechnique(Technique):
     def run(self, stage: PlannedStage, ctx: StageContext) -> StageResult:
         if stage.engine == "neuronx-cc":
             return self._run_neuron(stage, ctx)
-        require_toolchain(
-            "TensorRT-LLM compilation",
-            {"tensorrt_llm": "tensorrt-llm from NVIDIA's package index, on a host with the target's GPU"},
-        )
-        raise driver_not_in_build(self.config_member, "compilation driver")
+        if stage.engine == CUDA_ENGINE:
+            config = json.loads((ctx.input_dir / "config.json").read_text(encoding="utf-8"))
+            problems = self.model_problems(stage, config, ctx.target)
+            if problems:
+                raise InputError(f"This model cannot be compiled as requested: {problems[0]}.")
+            return run_cuda_compile(CudaCompileParams(**stage.params), stage, ctx)
+        raise driver_not_in_build(self.config_member, f"compilation engine {stage.engine}")
 
     def _run_neuron(self, stage: PlannedStage, ctx: StageContext) -> StageResult:
         # The model's half of the plan first: a refusal names the model's problem, not a missing SDK.

@@ -1,0 +1,296 @@
+"""CUDA compile jobs: Model Optimizer's unified checkpoint, the runtime files, the gate, and vLLM's loader.
+
+A compile job on a CUDA target quantizes with Model Optimizer on this CPU, exports the unified
+Hugging Face checkpoint and writes ``llm_api_options.yaml`` and ``serving.properties``. The output
+is read back three ways: the structure TensorRT-LLM's and vLLM's ModelOpt readers require, the
+weights dequantized with their own scales against the source, and vLLM 0.32.0 itself building the
+model and loading the files (scripts/vllm_modelopt_check.py in the vLLM side environment).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from optjob.api.errors import ValidationException, parse
+from optjob.api.shapes import CreateOptimizationJobRequest
+from optjob.errors import InfrastructureError, InputError, VerificationFailed
+from optjob.package.serving import read_serving_properties
+from optjob.pipeline.events import Event, EventSink
+from optjob.pipeline.plan import build_plan
+from optjob.pipeline.run import run_plan
+from optjob.pipeline.stage import StageContext, technique_for
+from optjob.storage.layout import MANIFEST_NAME
+from optjob.techniques.compile.modelopt_verify import verify_modelopt_checkpoint
+from tests.s3server import S3Bucket
+
+ROOT = Path(__file__).resolve().parent.parent
+ARN = "arn:aws:sagemaker:us-east-1:000000000000:optimization-job/{}"
+EXAMPLE = ROOT / "configs" / "examples" / "compile-fp8-g6-12xlarge.json"
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from optjob.testing import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", hidden=128, intermediate=256, layers=2,
+                            heads=4, kv_heads=2, vocab=500, train_steps=40)  # fmt: skip
+
+
+def _wire(env: dict[str, str], *, instance: str = "ml.g6.12xlarge", name: str = "cuda-1", **top: Any) -> dict:
+    wire = json.loads(EXAMPLE.read_text())
+    wire.update(OptimizationJobName=name, DeploymentInstanceType=instance, **top)
+    wire["OptimizationConfigs"] = [{"ModelCompilationConfig": {"OverrideEnvironment": env}}]
+    return wire
+
+
+def _plan(env: dict[str, str], **kwargs: Any):
+    return build_plan(parse(CreateOptimizationJobRequest, _wire(env, **kwargs)), region="us-east-1")
+
+
+FP8 = {
+    "OPTION_QUANTIZE": "fp8", "OPTION_KV_CACHE_QUANT": "fp8", "OPTION_TENSOR_PARALLEL_DEGREE": "2",
+    "OPTION_MAX_ROLLING_BATCH_SIZE": "16", "OPTION_MAX_INPUT_LEN": "2048", "OPTION_MAX_OUTPUT_LEN": "512",
+    "OPTION_MAX_NUM_TOKENS": "8192", "OPTION_CALIB_SIZE": "8",
+}  # fmt: skip
+
+
+def _run_stage(plan, model: Path, out: Path) -> dict[str, Any]:
+    stage = plan.stages[0]
+    out.mkdir(parents=True)
+    ctx = StageContext(job_name=plan.job_name, input_dir=model, output_dir=out, work_dir=out.parent / "work",
+                       target=plan.target, env=stage.env)  # fmt: skip
+    return technique_for(stage.technique).run(stage, ctx).metrics
+
+
+@pytest.fixture(scope="module")
+def fp8_output(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("fp8") / "out"
+    _run_stage(_plan(FP8), tiny_llama, out)
+    return out
+
+
+def _tensors(model: Path) -> dict[str, tuple[str, list[int]]]:
+    found = {}
+    for path in model.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as handle:
+            for name in handle.keys():  # noqa: SIM118
+                view = handle.get_slice(name)
+                found[name] = (view.get_dtype(), list(view.get_shape()))
+    return found
+
+
+def test_an_fp8_compile_job_publishes_a_modelopt_checkpoint_and_its_runtime(
+    s3_bucket: S3Bucket, tiny_llama: Path, tmp_path: Path
+) -> None:
+    s3_bucket.upload_dir(tiny_llama, "model")
+    wire = _wire(FP8, ModelSource={"S3": {"S3Uri": s3_bucket.uri("model/")}})
+    wire["OutputConfig"]["S3OutputLocation"] = s3_bucket.uri("out/")
+    plan = build_plan(parse(CreateOptimizationJobRequest, wire), region="us-east-1")
+    events: list[Event] = []
+    outcome = run_plan(plan, work_dir=tmp_path / "work", job_arn=ARN.format(plan.job_name),
+                       events=EventSink(events.append))  # fmt: skip
+    keys = {k[len("out/") :] for k in s3_bucket.keys("out/")}
+    assert {"config.json", "hf_quant_config.json", "model.safetensors", "llm_api_options.yaml", "serving.properties",
+            "tokenizer.json", "generation_config.json", MANIFEST_NAME} <= keys  # fmt: skip
+    local = tmp_path / "published"
+    local.mkdir()
+    for key in keys:
+        s3_bucket.client.download_file(s3_bucket.name, f"out/{key}", str(local / key))
+    config = json.loads((local / "config.json").read_text())
+    quant = config["quantization_config"]
+    assert (quant["quant_method"], quant["quant_algo"]) == ("modelopt", "FP8")
+    assert set(quant["ignore"]) == {"lm_head", "model.embed_tokens"} and quant["kv_cache_scheme"]["num_bits"] == 8
+    assert config["dtype"] == "bfloat16"  # the source's dtype, not the float32 a CPU load would give
+    hf_quant = json.loads((local / "hf_quant_config.json").read_text())
+    assert hf_quant["producer"] == {"name": "modelopt", "version": "0.47.0"}
+    assert hf_quant["quantization"]["quant_algo"] == "FP8" and hf_quant["quantization"]["kv_cache_quant_algo"] == "FP8"
+    runtime = yaml.safe_load((local / "llm_api_options.yaml").read_text())
+    assert runtime == {
+        "tensor_parallel_size": 2, "max_batch_size": 16, "max_num_tokens": 8192, "max_seq_len": 2560,
+        "kv_cache_config": {"dtype": "fp8", "free_gpu_memory_fraction": 0.9},
+    }  # fmt: skip
+    properties = read_serving_properties(local / "serving.properties")
+    assert properties["option.tensor_parallel_degree"] == "2" and properties["option.max_rolling_batch_size"] == "16"
+    assert properties["option.max_input_len"] == "2048" and properties["option.max_output_len"] == "512"
+    assert properties["option.max_num_tokens"] == "8192" and properties["option.dtype"] == "bf16"
+    assert "djl-inference:0.33.0-tensorrtllm" in outcome.recommended_image
+    manifest = json.loads((local / MANIFEST_NAME).read_text())
+    figures = manifest["metrics"]["1:Compilation"]
+    assert figures["calibration_samples"] == 8 and figures["calibration_inputs"] == "text"
+    assert figures["verify"]["quantized"] == 14 and figures["verify"]["max_rel_error"] < 0.06
+    assert any(e.step == "calibrate" and e.fraction == 1.0 for e in events)
+
+
+def test_the_checkpoint_has_the_tensors_the_modelopt_readers_require(fp8_output: Path, tiny_llama: Path) -> None:
+    """vLLM's ModelOptFp8Config / ModelOpt linear method and TensorRT-LLM's PyTorch backend read: FP8 E4M3
+    ``weight``, scalar float32 ``weight_scale`` and ``input_scale`` per quantized linear, scalar ``k_scale`` /
+    ``v_scale`` on k_proj / v_proj for an FP8 KV cache, excluded modules in the source dtype, HF names."""
+    ours, source = _tensors(fp8_output), _tensors(tiny_llama)
+    linears = [n.removesuffix(".weight") for n in source if n.endswith("_proj.weight")]
+    assert len(linears) == 14
+    for module in linears:
+        assert ours[f"{module}.weight"] == ("F8_E4M3", source[f"{module}.weight"][1])
+        assert ours[f"{module}.weight_scale"] == ("F32", []) and ours[f"{module}.input_scale"] == ("F32", [])
+    for layer in range(2):
+        assert ours[f"model.layers.{layer}.self_attn.k_proj.k_scale"] == ("F32", [])
+        assert ours[f"model.layers.{layer}.self_attn.v_proj.v_scale"] == ("F32", [])
+    for name in ("lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"):
+        assert ours[name] == source[name] and source[name][0] == "BF16"
+    weights, reference = load_file(fp8_output / "model.safetensors"), load_file(tiny_llama / "model.safetensors")
+    q = "model.layers.1.mlp.down_proj"
+    dequantized = weights[f"{q}.weight"].float() * weights[f"{q}.weight_scale"]
+    error = (dequantized - reference[f"{q}.weight"].float()).norm() / reference[f"{q}.weight"].float().norm()
+    assert 0 < float(error) < 0.06
+
+
+def test_vllm_builds_the_model_and_loads_every_tensor(fp8_output: Path, vllm_python: str) -> None:
+    done = subprocess.run([vllm_python, str(ROOT / "scripts" / "vllm_modelopt_check.py"), str(fp8_output)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert (report["quantization"], report["quant_config"]) == ("modelopt", "ModelOptFp8Config")
+    assert (report["quant_algo"], report["kv_cache_quant_algo"]) == ("FP8", "FP8")
+    assert report["excluded"] == {"lm_head": True, "model.embed_tokens": True, "model.layers.0.self_attn.q_proj": False}
+    # only the scales vLLM defaults on purpose (no q / softmax scale in a ModelOpt FP8 checkpoint) stay unloaded
+    assert {n.rsplit(".", 1)[-1] for n in report["not_loaded"]} <= {"q_scale", "prob_scale"}
+    params = report["params"]
+    assert params["model.layers.0.self_attn.qkv_proj.weight"]["dtype"] == "float8_e4m3fn"
+    assert params["model.layers.0.mlp.gate_up_proj.weight"]["dtype"] == "float8_e4m3fn"
+    weights = load_file(fp8_output / "model.safetensors")
+    scales = report["scales"]
+    layer = "model.layers.1"
+    fused_qkv = [float(weights[f"{layer}.self_attn.{p}_proj.weight_scale"]) for p in "qkv"]
+    assert scales[f"{layer}.self_attn.qkv_proj.weight_scale"] == pytest.approx(fused_qkv)
+    down_input = float(weights[f"{layer}.mlp.down_proj.input_scale"])
+    assert scales[f"{layer}.mlp.down_proj.input_scale"] == pytest.approx([down_input])
+    assert scales[f"{layer}.self_attn.attn.k_scale"] == pytest.approx(
+        [float(weights[f"{layer}.self_attn.k_proj.k_scale"])], rel=1e-2  # vLLM keeps it in the model dtype
+    )
+    fp8_sum = float(weights[f"{layer}.mlp.down_proj.weight"].float().sum())
+    assert report["fp8_weights_sum"][f"{layer}.mlp.down_proj.weight"] == pytest.approx(fp8_sum)
+
+
+@pytest.mark.parametrize(
+    ("damage", "fragment"),
+    [
+        ("drop-input-scale", "model.layers.0.mlp.up_proj.input_scale is missing (the loaders would substitute"),
+        ("double-weight-scale", "model.layers.0.mlp.up_proj.weight dequantized with its weight_scale differs"),
+        ("zero-k-scale", "model.layers.0.self_attn.k_proj.k_scale is [0.0], not one finite positive scale"),
+        ("touch-norm", "model.norm.weight was left unquantized but differs from the source"),
+    ],
+)
+def test_the_gate_refuses_a_damaged_checkpoint(fp8_output: Path, tiny_llama: Path, tmp_path: Path, damage: str,
+                                               fragment: str) -> None:  # fmt: skip
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in fp8_output.iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    tensors = load_file(broken / "model.safetensors")
+    if damage == "drop-input-scale":
+        del tensors["model.layers.0.mlp.up_proj.input_scale"]
+    elif damage == "double-weight-scale":
+        tensors["model.layers.0.mlp.up_proj.weight_scale"] = tensors["model.layers.0.mlp.up_proj.weight_scale"] * 2
+    elif damage == "zero-k-scale":
+        tensors["model.layers.0.self_attn.k_proj.k_scale"] = torch.zeros(())
+    else:
+        tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.5
+    save_file(tensors, broken / "model.safetensors")
+    with pytest.raises(VerificationFailed, match="Nothing was published") as failed:
+        verify_modelopt_checkpoint(tiny_llama, broken, scheme="fp8", dtype="bfloat16", kv_fp8=True)
+    assert fragment in str(failed.value)
+    figures = verify_modelopt_checkpoint(tiny_llama, fp8_output, scheme="fp8", dtype="bfloat16", kv_fp8=True)
+    assert figures["quantized"] == 14 and figures["unquantized"] == 7  # 2 x 2 norms, final norm, embedding, head
+
+
+def test_no_quantization_converts_the_dtype_only(tiny_llama: Path, tmp_path: Path) -> None:
+    figures = _run_stage(_plan({"OPTION_DTYPE": "fp16"}), tiny_llama, tmp_path / "out")
+    ours = _tensors(tmp_path / "out")
+    assert {dtype for dtype, _ in ours.values()} == {"F16"} and set(ours) == set(_tensors(tiny_llama))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float16"
+    assert figures["verify"] == {"max_rel_error": 0.0, "min_cosine": 1.0, "quantized": 0, "unquantized": 21}
+    runtime = yaml.safe_load((tmp_path / "out" / "llm_api_options.yaml").read_text())
+    assert runtime["tensor_parallel_size"] == 1 and runtime["max_seq_len"] == 1024 + 512  # LMI's defaults
+    assert runtime["kv_cache_config"]["dtype"] == "auto"
+
+
+@pytest.mark.parametrize(
+    ("env", "instance", "fragment"),
+    [
+        ({"OPTION_QUANTIZE": "fp8"}, "ml.g5.12xlarge",
+         "OPTION_QUANTIZE=fp8 (FP8 W8A8, per-tensor weight and activation scales, calibrated) at "
+         "'optimizationConfigs.1.member.modelCompilationConfig' needs GPUs of compute capability 8.9 or newer, and "
+         "ml.g5.12xlarge has A10G (compute capability 8.6); use one of the instance families g6, g6e, g7, g7e, p5, "
+         "p5e, p5en, p6-b200"),
+        ({"OPTION_QUANTIZE": "nvfp4"}, "ml.p5.48xlarge", "needs GPUs of compute capability 10.0 or newer"),
+        ({"OPTION_KV_CACHE_QUANT": "fp8"}, "ml.p4d.24xlarge", "OPTION_KV_CACHE_QUANT=fp8 at"),
+        ({"OPTION_DTYPE": "bf16"}, "ml.g4dn.12xlarge", "has no bfloat16; use fp16"),
+        ({"OPTION_QUANTIZE": "int3"}, "ml.g6.12xlarge", "allowed: fp8, awq, smoothquant, nvfp4, none"),
+        ({"OPTION_MAX_NUM_TOKENS": "0"}, "ml.g6.12xlarge", "OPTION_MAX_NUM_TOKENS='0'"),
+    ],
+    ids=["fp8-on-a10g", "nvfp4-on-h100", "fp8-kv-on-a100", "bf16-on-t4", "unknown-scheme", "zero-tokens"],
+)
+def test_what_the_target_cannot_run_is_refused_at_create(env: dict, instance: str, fragment: str) -> None:
+    with pytest.raises(ValidationException) as refused:
+        _plan(env, instance=instance)
+    assert fragment in str(refused.value)
+
+
+def test_model_rules_are_checked_when_config_json_arrives(tmp_path: Path) -> None:
+    from optjob.techniques.compile.cuda_plan import CudaCompileParams, model_problems
+
+    plan = _plan({"OPTION_QUANTIZE": "awq", "OPTION_TENSOR_PARALLEL_DEGREE": "4"})
+    assert plan.stages[0].warnings == (
+        "OPTION_QUANTIZE=awq: TensorRT-LLM loads this Model Optimizer checkpoint; vLLM does not (it reads the "
+        "ModelOpt FP8 and NVFP4 families only)",
+    )
+    params = CudaCompileParams(**plan.stages[0].params)
+    config = {"num_attention_heads": 8, "hidden_size": 1024, "intermediate_size": 1536}
+    assert model_problems(params, config) == []  # 1024 / 4 and 1536 / 4 are multiples of 128
+    config["intermediate_size"] = 1280
+    assert "1280 / 4 = 320 is not a multiple of the group size 128" in model_problems(params, config)[0]
+    stage = plan.stages[0]
+    technique = technique_for(stage.technique)
+    quantized = {**config, "quantization_config": {"quant_method": "compressed-tensors"}}
+    assert technique.model_problems(stage, quantized, plan.target)[0].startswith(
+        "the model is already quantized (quantization_config.quant_method=compressed-tensors)"
+    )
+
+
+def test_schemes_not_built_yet_fail_saying_so(tiny_llama: Path, tmp_path: Path) -> None:
+    with pytest.raises(InfrastructureError, match="OPTION_QUANTIZE=awq for CUDA compilation; fp8 and none are built"):
+        _run_stage(_plan({"OPTION_QUANTIZE": "awq"}), tiny_llama, tmp_path / "out")
+    with pytest.raises(InputError, match="already quantized"):
+        model = tmp_path / "quantized"
+        model.mkdir()
+        config = json.loads((tiny_llama / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
+        _run_stage(_plan({"OPTION_QUANTIZE": "fp8"}), model, tmp_path / "out2")
+
+
+def test_quantization_before_a_cuda_compilation_is_applied_by_it() -> None:
+    """[ModelQuantizationConfig, ModelCompilationConfig] on CUDA is one Model Optimizer stage: the quantization's
+    OverrideEnvironment is layered under the compilation's (configs/techniques.yaml ``folded``)."""
+    wire = _wire({"OPTION_TENSOR_PARALLEL_DEGREE": "2"})
+    wire["OptimizationConfigs"].insert(0, {"ModelQuantizationConfig": {"OverrideEnvironment": {
+        "OPTION_QUANTIZE": "fp8", "OPTION_KV_CACHE_QUANT": "fp8"}}})  # fmt: skip
+    plan = build_plan(parse(CreateOptimizationJobRequest, wire), region="us-east-1")
+    assert [(s.optimization_type, s.engine) for s in plan.stages] == [("Compilation", "modelopt")]
+    assert plan.stages[0].params["quantize"] == "fp8" and plan.stages[0].params["kv_cache_quant"] == "fp8"
+    assert plan.stages[0].params["tensor_parallel_degree"] == 2
+    wire["OptimizationConfigs"][0]["ModelQuantizationConfig"]["OverrideEnvironment"]["OPTION_QUANTIZE"] = "gptq"
+    with pytest.raises(ValidationException) as refused:
+        build_plan(parse(CreateOptimizationJobRequest, wire), region="us-east-1")
+    assert "OPTION_QUANTIZE='gptq' at 'optimizationConfigs.2.member.modelCompilationConfig' is not a Model " in str(
+        refused.value
+    )
+    assert "(ModelQuantizationConfig is applied by this ModelCompilationConfig)" in str(refused.value)
