@@ -299,6 +299,17 @@ def run_measured(
     )
 
 
+def measured_step(label: str, step: str, cmd: Sequence[str], *, env: dict[str, str], work: Path) -> Measured:
+    """``run_measured`` with the progress lines every benchmark prints (log kept under ``work``)."""
+    print(f"--- {label}: {step} ({load_note()})", flush=True)
+    m = run_measured(step, cmd, env=env, log_path=work / f"{label}-{step}.log")
+    print(f"    wall {m.wall_s:.1f} s, peak RSS (tree) {m.peak_tree_bytes / 2**20:.0f} MiB "
+          f"(anonymous {m.peak_tree_anon_bytes / 2**20:.0f} MiB), rc {m.rc}", flush=True)  # fmt: skip
+    if m.rc != 0:
+        print(f"    FAILED; log tail:\n{m.output_tail[-2000:]}", flush=True)
+    return m
+
+
 def measure_call(name: str, fn: Callable[[], Any]) -> tuple[Measured, Any]:
     """Time ``fn()`` in this process and sample this process tree's peak RSS meanwhile."""
     with PeakRSS() as sampler:

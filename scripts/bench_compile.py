@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -116,33 +115,14 @@ def model_dirs(names: list[str], quick: bool) -> list[tuple[str, Path]]:
 
 def measure(server: Any, name: str, model_dir: Path, opts: argparse.Namespace, work: Path) -> dict[str, Any]:
     size = synth.dir_bytes(model_dir)
-    env = {**os.environ, **server.aws_env(), "PYTHONPATH": str(bench_common.REPO_ROOT)}
-    for variable in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
-        env.pop(variable, None)
-    client = server.client()
-    src_bucket, out_bucket = f"src-{name.replace('.', '-')}", f"out-{name.replace('.', '-')}"
-    for bucket in (src_bucket, out_bucket):
-        client.create_bucket(Bucket=bucket)
-    src_uri = f"s3://{src_bucket}/model/"
-    with synth.patched_env(server.aws_env()):
-        synth.our_transfer("upload", synth.upload_tasks(model_dir, src_bucket, "model/"))
-    aws = " ".join(synth.aws_cli())
+    env, client, src_uri, out_bucket = synth.stage_source(server, name, model_dir)
+    env["PYTHONPATH"] = str(bench_common.REPO_ROOT)
+    src_bucket = src_uri.split("/")[2]
 
     def measured(step: str, cmd: list[str], extra: dict[str, str] | None = None) -> bench_common.Measured:
-        print(f"--- {name}: {step} ({bench_common.load_note()})", flush=True)
-        m = bench_common.run_measured(step, cmd, env={**env, **(extra or {})}, log_path=work / f"{name}-{step}.log")
-        print(f"    wall {m.wall_s:.1f} s, peak RSS (tree) {m.peak_tree_bytes / MiB:.0f} MiB, rc {m.rc}", flush=True)
-        if m.rc != 0:
-            print(f"    FAILED; log tail:\n{m.output_tail[-2000:]}", flush=True)
-        return m
+        return bench_common.measured_step(name, step, cmd, env={**env, **(extra or {})}, work=work)
 
-    local = work / f"{name}-floor"
-    floor = measured("a2_download_then_upload", [
-        "bash", "-c", f'{aws} s3 cp --recursive --only-show-errors "$1" "$2" && '
-        f'{aws} s3 cp --recursive --only-show-errors "$2" "$3"', "floor", src_uri, str(local),
-        f"s3://{out_bucket}/copy/",
-    ])  # fmt: skip
-    shutil.rmtree(local, ignore_errors=True)
+    floor = synth.floor_copy(name, src_uri, f"s3://{out_bucket}/copy/", env=env, work=work)
     hand_tmp = work / f"{name}-hand"
     hand_tmp.mkdir()
     hand = measured("b_by_hand", [sys.executable, __file__, "--baseline-worker", src_uri, f"s3://{out_bucket}/hand/",

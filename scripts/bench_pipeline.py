@@ -339,6 +339,33 @@ def patched_env(env: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def stage_source(server: Any, name: str, model_dir: Path) -> tuple[dict[str, str], Any, str, str]:
+    """A source and an output bucket for ``name``, the model uploaded: (env for the AWS CLI and optjob,
+    client, source URI, output bucket)."""
+    env = {**os.environ, **server.aws_env()}
+    for variable in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+        env.pop(variable, None)
+    client = server.client()
+    src_bucket, out_bucket = f"src-{name.replace('.', '-')}", f"out-{name.replace('.', '-')}"
+    for bucket in (src_bucket, out_bucket):
+        client.create_bucket(Bucket=bucket)
+    with patched_env(server.aws_env()):
+        our_transfer("upload", upload_tasks(model_dir, src_bucket, "model/"))
+    return env, client, f"s3://{src_bucket}/model/", out_bucket
+
+
+def floor_copy(label: str, src_uri: str, out_uri: str, *, env: dict[str, str], work: Path) -> Any:
+    """(a') the floor: ``aws s3 cp --recursive`` down to disk, then the same bytes up (copy removed)."""
+    aws = " ".join(aws_cli())
+    local = work / f"{label}-floor"
+    m = bench_common.measured_step(label, "a2_download_then_upload", [
+        "bash", "-c", f'{aws} s3 cp --recursive --only-show-errors "$1" "$2" && '
+        f'{aws} s3 cp --recursive --only-show-errors "$2" "$3"', "floor", src_uri, str(local), out_uri,
+    ], env=env, work=work)  # fmt: skip
+    shutil.rmtree(local, ignore_errors=True)
+    return m
+
+
 # --- (b): the sequential baseline, run as its own process -------------------------------------------
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -51,37 +50,14 @@ MiB = 2**20
 def measure_arch(server: Any, arch: Any, opts: argparse.Namespace, work: Path) -> dict[str, Any]:
     model_dir, facts = synth.synthetic_checkpoint(arch)
     size = synth.dir_bytes(model_dir)
-    env = {**os.environ, **server.aws_env()}
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
-        env.pop(name, None)
-    client = server.client()
-    src_bucket, out_bucket = f"src-{arch.name.replace('.', '-')}", f"out-{arch.name.replace('.', '-')}"
-    for bucket in (src_bucket, out_bucket):
-        client.create_bucket(Bucket=bucket)
-    src_uri = f"s3://{src_bucket}/model/"
-    with synth.patched_env(server.aws_env()):
-        synth.our_transfer("upload", synth.upload_tasks(model_dir, src_bucket, "model/"))
-    aws = " ".join(synth.aws_cli())
+    env, client, src_uri, out_bucket = synth.stage_source(server, arch.name, model_dir)
+    src_bucket = src_uri.split("/")[2]
     largest = arch.vocab * arch.hidden * 2  # the embedding, in bf16
 
     def measured(name: str, cmd: list[str], extra: dict[str, str] | None = None) -> bench_common.Measured:
-        print(f"--- {arch.name}: {name} ({bench_common.load_note()})", flush=True)
-        m = bench_common.run_measured(
-            name, cmd, env={**env, **(extra or {})}, log_path=work / f"{arch.name}-{name}.log"
-        )
-        print(f"    wall {m.wall_s:.1f} s, peak RSS (tree) {m.peak_tree_bytes / MiB:.0f} MiB "
-              f"(anonymous {m.peak_tree_anon_bytes / MiB:.0f} MiB), rc {m.rc}", flush=True)  # fmt: skip
-        if m.rc != 0:
-            print(f"    FAILED; log tail:\n{m.output_tail[-2000:]}", flush=True)
-        return m
+        return bench_common.measured_step(arch.name, name, cmd, env={**env, **(extra or {})}, work=work)
 
-    local = work / f"{arch.name}-floor"
-    floor = measured("a2_download_then_upload", [
-        "bash", "-c", f'{aws} s3 cp --recursive --only-show-errors "$1" "$2" && '
-        f'{aws} s3 cp --recursive --only-show-errors "$2" "$3"', "floor", src_uri, str(local),
-        f"s3://{out_bucket}/copy/",
-    ])  # fmt: skip
-    shutil.rmtree(local, ignore_errors=True)
+    floor = synth.floor_copy(arch.name, src_uri, f"s3://{out_bucket}/copy/", env=env, work=work)
     synth.delete_prefix(client, out_bucket, "copy/")
 
     spec = work / f"{arch.name}-spec.json"

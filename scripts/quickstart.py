@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -45,6 +46,22 @@ def optjob(*args: str, env: dict[str, str], check: bool = True) -> subprocess.Co
     if check and result.returncode != 0:
         raise SystemExit(f"optjob {args[0]} failed with exit status {result.returncode}")
     return result
+
+
+def run_example(example: Path, name: str, client: Any, env: dict[str, str]) -> tuple[Any, str]:
+    """Run an example spec under a fresh job name and list what it published; returns the run and its prefix."""
+    spec = json.loads(example.read_text())
+    spec["OptimizationJobName"] = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    spec["OutputConfig"]["S3OutputLocation"] = f"s3://optjob-output/{spec['OptimizationJobName']}/"
+    path = WORK / f"{name}-spec.json"
+    path.write_text(json.dumps(spec, indent=2))
+    started = time.monotonic()
+    result = optjob("run", str(path), env=env, check=False)
+    print(f"job finished in {time.monotonic() - started:.1f} s with exit status {result.returncode}")
+    prefix = spec["OptimizationJobName"] + "/"
+    for item in client.list_objects_v2(Bucket="optjob-output", Prefix=prefix).get("Contents", []):
+        print(f"{item['Size']:>12,d}  {item['Key'][len(prefix) :]}")
+    return result, prefix
 
 
 def main() -> int:
@@ -105,18 +122,7 @@ def main() -> int:
             print(f"  note: {note}")
 
         banner(f"sharding the same model for vLLM tensor parallelism: {SHARD_EXAMPLE.relative_to(ROOT)}")
-        shard = json.loads(SHARD_EXAMPLE.read_text())
-        shard["OptimizationJobName"] = f"quickstart-shard-{time.strftime('%Y%m%d-%H%M%S')}"
-        shard["OutputConfig"]["S3OutputLocation"] = f"s3://optjob-output/{shard['OptimizationJobName']}/"
-        shard_path = WORK / "shard-spec.json"
-        shard_path.write_text(json.dumps(shard, indent=2))
-        started = time.monotonic()
-        sharded = optjob("run", str(shard_path), env=env, check=False)
-        print(f"job finished in {time.monotonic() - started:.1f} s with exit status {sharded.returncode}")
-        prefix = shard["OptimizationJobName"] + "/"
-        listing = client.list_objects_v2(Bucket="optjob-output", Prefix=prefix).get("Contents", [])
-        for item in listing:
-            print(f"{item['Size']:>12,d}  {item['Key'][len(prefix) :]}")
+        sharded, prefix = run_example(SHARD_EXAMPLE, "quickstart-shard", client, env)
         if sharded.returncode == 0:
             manifest = json.loads(
                 client.get_object(Bucket="optjob-output", Key=prefix + "optjob-manifest.json")["Body"].read()
@@ -131,17 +137,7 @@ def main() -> int:
                   f"{figures['tensor_parallel_degree']}")  # fmt: skip
 
         banner(f"compiling the same model for TensorRT-LLM and vLLM: {COMPILE_EXAMPLE.relative_to(ROOT)}")
-        spec = json.loads(COMPILE_EXAMPLE.read_text())
-        spec["OptimizationJobName"] = f"quickstart-compile-{time.strftime('%Y%m%d-%H%M%S')}"
-        spec["OutputConfig"]["S3OutputLocation"] = f"s3://optjob-output/{spec['OptimizationJobName']}/"
-        compile_path = WORK / "compile-spec.json"
-        compile_path.write_text(json.dumps(spec, indent=2))
-        started = time.monotonic()
-        compiled = optjob("run", str(compile_path), env=env, check=False)
-        print(f"job finished in {time.monotonic() - started:.1f} s with exit status {compiled.returncode}")
-        prefix = spec["OptimizationJobName"] + "/"
-        for item in client.list_objects_v2(Bucket="optjob-output", Prefix=prefix).get("Contents", []):
-            print(f"{item['Size']:>12,d}  {item['Key'][len(prefix) :]}")
+        compiled, prefix = run_example(COMPILE_EXAMPLE, "quickstart-compile", client, env)
         if compiled.returncode == 0:
             options = client.get_object(Bucket="optjob-output", Key=prefix + "llm_api_options.yaml")["Body"].read()
             print("\n" + options.decode().strip())

@@ -14,27 +14,24 @@ pytest_plugins = ["tests.s3server"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _side_env_python(script: str, skip_variable: str, what: str) -> str:
+    """Build (or reuse) a side environment with its project script; its interpreter is the last line."""
+    if os.environ.get(skip_variable) == "1":
+        pytest.skip(f"{skip_variable}=1")
+    built = subprocess.run(["bash", str(ROOT / "scripts" / script)], capture_output=True, text=True, timeout=1200)
+    assert built.returncode == 0, f"building the {what} side environment failed:\n{built.stderr[-4000:]}"
+    return built.stdout.strip().splitlines()[-1]
+
+
 @pytest.fixture(scope="session")
 def neuron_python() -> str:
-    """The interpreter of optimum-neuron 0.4.5's environment (scripts/neuron_env.sh builds it once:
-    about 1.5 minutes and 1.2 GB; no Neuron SDK). OPTJOB_SKIP_NEURON_CROSSCHECK=1 skips what needs it."""
-    if os.environ.get("OPTJOB_SKIP_NEURON_CROSSCHECK") == "1":
-        pytest.skip("OPTJOB_SKIP_NEURON_CROSSCHECK=1")
-    built = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "neuron_env.sh")], capture_output=True, text=True, timeout=1200
-    )
-    assert built.returncode == 0, f"building the optimum-neuron side environment failed:\n{built.stderr[-4000:]}"
-    return built.stdout.strip().splitlines()[-1]
+    """optimum-neuron 0.4.5's environment (scripts/neuron_env.sh: about 1.5 minutes and 1.2 GB the first time;
+    no Neuron SDK). OPTJOB_SKIP_NEURON_CROSSCHECK=1 skips what needs it."""
+    return _side_env_python("neuron_env.sh", "OPTJOB_SKIP_NEURON_CROSSCHECK", "optimum-neuron")
 
 
 @pytest.fixture(scope="session")
 def vllm_python() -> str:
-    """The interpreter of the vLLM 0.32.0 side environment (scripts/vllm_env.sh builds it once: about
-    2 minutes and 3.5 GB). OPTJOB_SKIP_VLLM_CROSSCHECK=1 skips what needs it."""
-    if os.environ.get("OPTJOB_SKIP_VLLM_CROSSCHECK") == "1":
-        pytest.skip("OPTJOB_SKIP_VLLM_CROSSCHECK=1")
-    built = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "vllm_env.sh")], capture_output=True, text=True, timeout=1200
-    )
-    assert built.returncode == 0, f"building the vLLM side environment failed:\n{built.stderr[-4000:]}"
-    return built.stdout.strip().splitlines()[-1]
+    """vLLM 0.32.0's environment (scripts/vllm_env.sh: about 2 minutes and 3.5 GB the first time).
+    OPTJOB_SKIP_VLLM_CROSSCHECK=1 skips what needs it."""
+    return _side_env_python("vllm_env.sh", "OPTJOB_SKIP_VLLM_CROSSCHECK", "vLLM")
