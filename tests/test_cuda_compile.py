@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -126,7 +125,11 @@ def test_an_fp8_compile_job_publishes_a_modelopt_checkpoint_and_its_runtime(
     manifest = json.loads((local / MANIFEST_NAME).read_text())
     figures = manifest["metrics"]["1:Compilation"]
     assert figures["calibration_samples"] == 8 and figures["calibration_inputs"] == "text"
-    assert figures["verify"]["quantized"] == 14 and figures["verify"]["max_rel_error"] < 0.06
+    assert figures["structure"] == {"quantized": 14, "unquantized": 7}
+    gate = figures["verification"]
+    assert gate["passed"] and gate["per_tensor"]["quantized_tensors"] == 14
+    assert 0 < gate["per_tensor"]["max_rel_error"] < 0.06 and gate["e2e"]["mean_kl"] < 0.02
+    assert gate["e2e"]["confident_top1_agreement"] >= 0.85
     assert any(e.step == "calibrate" and e.fraction == 1.0 for e in events)
 
 
@@ -179,36 +182,75 @@ def test_vllm_builds_the_model_and_loads_every_tensor(fp8_output: Path, vllm_pyt
     assert report["fp8_weights_sum"][f"{layer}.mlp.down_proj.weight"] == pytest.approx(fp8_sum)
 
 
-@pytest.mark.parametrize(
-    ("damage", "fragment"),
-    [
-        ("drop-input-scale", "model.layers.0.mlp.up_proj.input_scale is missing (the loaders would substitute"),
-        ("double-weight-scale", "model.layers.0.mlp.up_proj.weight dequantized with its weight_scale differs"),
-        ("zero-k-scale", "model.layers.0.self_attn.k_proj.k_scale is [0.0], not one finite positive scale"),
-        ("touch-norm", "model.norm.weight was left unquantized but differs from the source"),
-    ],
-)
-def test_the_gate_refuses_a_damaged_checkpoint(fp8_output: Path, tiny_llama: Path, tmp_path: Path, damage: str,
-                                               fragment: str) -> None:  # fmt: skip
+def _damaged(fp8_output: Path, tmp_path: Path, change: Any) -> Path:
     broken = tmp_path / "broken"
     broken.mkdir()
     for item in fp8_output.iterdir():
         (broken / item.name).write_bytes(item.read_bytes())
     tensors = load_file(broken / "model.safetensors")
-    if damage == "drop-input-scale":
-        del tensors["model.layers.0.mlp.up_proj.input_scale"]
-    elif damage == "double-weight-scale":
-        tensors["model.layers.0.mlp.up_proj.weight_scale"] = tensors["model.layers.0.mlp.up_proj.weight_scale"] * 2
-    elif damage == "zero-k-scale":
-        tensors["model.layers.0.self_attn.k_proj.k_scale"] = torch.zeros(())
-    else:
-        tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.5
+    change(tensors)
     save_file(tensors, broken / "model.safetensors")
+    return broken
+
+
+def _drop(name: str) -> Any:
+    return lambda tensors: tensors.pop(name)
+
+
+def _scale_by(name: str, factor: float) -> Any:
+    return lambda tensors: tensors.update({name: tensors[name] * factor})
+
+
+def _to_float32(name: str) -> Any:
+    return lambda tensors: tensors.update({name: tensors[name].float()})
+
+
+LAYER0 = "model.layers.0"
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        (_drop(f"{LAYER0}.mlp.up_proj.input_scale"),
+         f"{LAYER0}.mlp.up_proj.input_scale is missing (the loaders would substitute a placeholder)"),
+        (_scale_by(f"{LAYER0}.self_attn.k_proj.k_scale", 0.0),
+         f"{LAYER0}.self_attn.k_proj.k_scale is [0.0], not one finite positive scale"),
+        (_to_float32(f"{LAYER0}.input_layernorm.weight"),
+         f"{LAYER0}.input_layernorm.weight is float32, not the published bfloat16"),
+    ],
+    ids=["missing-input-scale", "zero-k-scale", "wrong-dtype"],
+)
+def test_the_structure_check_refuses_what_the_loaders_would_paper_over(
+    fp8_output: Path, tiny_llama: Path, tmp_path: Path, change: Any, fragment: str
+) -> None:
+    broken = _damaged(fp8_output, tmp_path, change)
     with pytest.raises(VerificationFailed, match="Nothing was published") as failed:
         verify_modelopt_checkpoint(tiny_llama, broken, scheme="fp8", dtype="bfloat16", kv_fp8=True)
     assert fragment in str(failed.value)
-    figures = verify_modelopt_checkpoint(tiny_llama, fp8_output, scheme="fp8", dtype="bfloat16", kv_fp8=True)
-    assert figures["quantized"] == 14 and figures["unquantized"] == 7  # 2 x 2 norms, final norm, embedding, head
+    counts = verify_modelopt_checkpoint(tiny_llama, fp8_output, scheme="fp8", dtype="bfloat16", kv_fp8=True)
+    assert counts == {"quantized": 14, "unquantized": 7}  # 2 x 2 norms, final norm, embedding, head
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        (_scale_by(f"{LAYER0}.mlp.up_proj.weight_scale", 2.0), "per-tensor"),
+        (_scale_by(f"{LAYER0}.mlp.down_proj.input_scale", 1e-3), "end-to-end mean KL"),
+        (_scale_by("model.norm.weight", 1.5), "unquantized tensor changed"),
+    ],
+    ids=["weight-scale-doubled", "input-scale-off", "norm-changed"],
+)
+def test_the_accuracy_gate_refuses_wrong_numbers(
+    fp8_output: Path, tiny_llama: Path, tmp_path: Path, change: Any, fragment: str
+) -> None:
+    """The shared gate reads Model Optimizer checkpoints: weights times their own scales, and the replay
+    casts each quantized linear's input to FP8 with its own input_scale (a wrong one ruins the output)."""
+    from optjob.verify.gate import run_gate
+
+    broken = _damaged(fp8_output, tmp_path, change)
+    with pytest.raises(VerificationFailed) as failed:
+        run_gate(tiny_llama, broken, "modelopt_fp8")
+    assert fragment in str(failed.value) and "Nothing was published" in str(failed.value)
 
 
 def test_no_quantization_converts_the_dtype_only(tiny_llama: Path, tmp_path: Path) -> None:
@@ -217,7 +259,7 @@ def test_no_quantization_converts_the_dtype_only(tiny_llama: Path, tmp_path: Pat
     assert {dtype for dtype, _ in ours.values()} == {"F16"} and set(ours) == set(_tensors(tiny_llama))
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "float16"
-    assert figures["verify"] == {"max_rel_error": 0.0, "min_cosine": 1.0, "quantized": 0, "unquantized": 21}
+    assert figures["structure"] == {"quantized": 0, "unquantized": 21} and "verification" not in figures
     runtime = yaml.safe_load((tmp_path / "out" / "llm_api_options.yaml").read_text())
     assert runtime["tensor_parallel_size"] == 1 and runtime["max_seq_len"] == 1024 + 512  # LMI's defaults
     assert runtime["kv_cache_config"]["dtype"] == "auto"
@@ -294,3 +336,27 @@ def test_quantization_before_a_cuda_compilation_is_applied_by_it() -> None:
         refused.value
     )
     assert "(ModelQuantizationConfig is applied by this ModelCompilationConfig)" in str(refused.value)
+
+
+def test_a_stop_during_calibration_publishes_nothing(s3_bucket: S3Bucket, tiny_llama: Path, tmp_path: Path) -> None:
+    from optjob.errors import JobCancelled
+    from optjob.pipeline.cancel import CancelToken
+
+    s3_bucket.upload_dir(tiny_llama, "model")
+    wire = _wire({**FP8, "OPTION_CALIB_SIZE": "32"}, ModelSource={"S3": {"S3Uri": s3_bucket.uri("model/")}})
+    wire["OutputConfig"]["S3OutputLocation"] = s3_bucket.uri("out/")
+    plan = build_plan(parse(CreateOptimizationJobRequest, wire), region="us-east-1")
+    cancel = CancelToken()
+    seen: list[Event] = []
+
+    def stop_at_the_second_sample(event: Event) -> None:
+        seen.append(event)
+        if event.step == "calibrate" and event.message == "calibration sample 2":
+            cancel.cancel("StopOptimizationJob")
+
+    with pytest.raises(JobCancelled, match="StopOptimizationJob"):
+        run_plan(plan, work_dir=tmp_path / "work", job_arn=ARN.format(plan.job_name),
+                 events=EventSink(stop_at_the_second_sample), cancel=cancel)  # fmt: skip
+    calibrated = [e for e in seen if e.step == "calibrate"]
+    assert len(calibrated) == 2  # the next sample saw the stop
+    assert s3_bucket.keys("out/") == [] and not (tmp_path / "work").exists()

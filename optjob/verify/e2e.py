@@ -106,6 +106,8 @@ class _Checkpoint:
 
     def activation_quantizers(self, layer: torch.nn.Module, prefix: str) -> list[Any]:
         """Forward pre-hooks that fake-quantize the inputs of the layer's quantized linears."""
+        if self.decoder.method == "modelopt":
+            return self._static_fp8_inputs(layer, prefix)
         if self.input_args is None:
             return []
         from compressed_tensors.quantization import QuantizationStatus
@@ -124,6 +126,24 @@ class _Checkpoint:
 
             def hook(mod: torch.nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
                 return (forward_quantize(mod, inputs[0], "input", args), *inputs[1:])
+
+            handles.append(module.register_forward_pre_hook(hook))
+        return handles
+
+    def _static_fp8_inputs(self, layer: torch.nn.Module, prefix: str) -> list[Any]:
+        """Model Optimizer's FP8 W8A8: each quantized linear's input is cast to FP8 E4M3 with the
+        checkpoint's own static ``input_scale``, as the serving kernels do."""
+        handles = []
+        for local, module in layer.named_modules():
+            full = f"{prefix}{local}"
+            if not (self.decoder.is_quantized(full) and self.has(f"{full}.input_scale")):
+                continue
+            scale = self.reader.get(f"{full}.input_scale").float()
+
+            def hook(mod: torch.nn.Module, inputs: tuple[Any, ...], scale: torch.Tensor = scale) -> tuple[Any, ...]:
+                x = inputs[0]
+                quantized = (x / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(x.dtype) * scale
+                return (quantized, *inputs[1:])
 
             handles.append(module.register_forward_pre_hook(hook))
         return handles

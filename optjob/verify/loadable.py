@@ -22,6 +22,8 @@ def transformers_load_problems(output: Path) -> tuple[list[str], str | None]:
     method = (config.get("quantization_config") or {}).get("quant_method")
     if method == "bitsandbytes":
         return [], "transformers load check skipped: bitsandbytes weights cannot be loaded on the meta device"
+    if method == "modelopt":
+        return [], "transformers load check skipped: transformers does not read Model Optimizer checkpoints (vLLM does)"
     from transformers import AutoModelForCausalLM
 
     try:

@@ -172,7 +172,8 @@ class WeightDecoder:
     """Which modules of a checkpoint are quantized, and each one's weight dequantized to float.
 
     One place that knows the on-disk layouts (compressed-tensors' compressors, bitsandbytes'
-    quant states), shared by the per-tensor check and the layer-by-layer end-to-end comparison.
+    quant states, Model Optimizer's FP8 weight and scale), shared by the per-tensor check and the
+    layer-by-layer end-to-end comparison.
     """
 
     def __init__(self, reader: CheckpointReader, qconfig: dict[str, Any] | None) -> None:
@@ -185,6 +186,11 @@ class WeightDecoder:
             self._decode_ct = _ct_decoder(qconfig or {})
             self._locals = groups
             self.modules = sorted(m for m, locals_ in groups.items() if "weight_scale" in locals_)
+        elif self.method == "modelopt":
+            # Model Optimizer's unified checkpoint: FP8 weights with one float32 weight_scale each
+            self.modules = sorted(
+                m for m, locals_ in groups.items() if "weight_scale" in locals_ and f"{m}.weight" in reader.map
+            )
         elif self.method == "bitsandbytes":
             self._decode_bnb = _bnb_decoder(reader, qconfig or {})
             self.modules = sorted(
@@ -205,6 +211,11 @@ class WeightDecoder:
         return self.method == "bitsandbytes" and ".weight." in name and name.split(".weight.")[0] in self._quantized
 
     def decode(self, module: str) -> torch.Tensor:
+        if self.method == "modelopt":
+            weight = self.reader.get(f"{module}.weight")
+            if weight.dtype != torch.float8_e4m3fn:
+                raise ValueError(f"{module}.weight is {weight.dtype}; only Model Optimizer's FP8 family is decoded")
+            return weight.float() * self.reader.get(f"{module}.weight_scale").float()
         if self.method == "compressed-tensors":
             local = {name: self.reader.get(f"{module}.{name}") for name in self._locals[module]}
             return self._decode_ct(local)

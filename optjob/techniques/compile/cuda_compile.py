@@ -1,9 +1,12 @@
 """A CUDA compile stage: memory check, Model Optimizer quantize + export, runtime files, the gate.
 
-Only a directory that passed ``modelopt_verify`` is left at ``ctx.output_dir``; on any failure the
-runner publishes nothing. The runtime configuration replaces what an engine used to carry:
-``llm_api_options.yaml`` for ``trtllm-serve <dir> --extra_llm_api_options llm_api_options.yaml`` and
-``serving.properties`` for LMI's TensorRT-LLM container, both from the same OPTION_* limits.
+Only a directory that passed both checks is left for publishing: ``modelopt_verify`` (every scale
+the readers need, names and dtypes) and the shared accuracy gate (weights dequantized with their
+own scales, the layer-by-layer replay with FP8 inputs, thresholds ``modelopt_<scheme>`` in
+``configs/verify.yaml``); on any failure the runner publishes nothing. The runtime configuration
+replaces what an engine used to carry: ``llm_api_options.yaml`` for ``trtllm-serve <dir>
+--extra_llm_api_options llm_api_options.yaml`` and ``serving.properties`` for LMI's TensorRT-LLM
+container, both from the same OPTION_* limits.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from optjob.techniques.compile.modelopt_engine import quantize_and_export, sourc
 from optjob.techniques.compile.modelopt_verify import verify_modelopt_checkpoint
 from optjob.techniques.quantize.calibration import load_texts
 from optjob.techniques.quantize.engines import copy_aux_files
+from optjob.verify.gate import run_gate
 
 RUNTIME_FILE = "llm_api_options.yaml"
 _LOAD_OVERHEAD = 1.3  # Model Optimizer holds the whole model plus its quantizer state
@@ -77,12 +81,16 @@ def run_cuda_compile(params: CudaCompileParams, stage: PlannedStage, ctx: StageC
             + " and ".join(scheme.consumers),
         ],
     )
-    figures["verify"] = verify_modelopt_checkpoint(
+    figures["structure"] = verify_modelopt_checkpoint(
         ctx.input_dir,
         ctx.output_dir,
         scheme=params.quantize,
         dtype=dtype,
         kv_fp8=params.kv_cache_quant == "fp8",
     )
+    if params.quantize != "none":
+        figures["verification"] = run_gate(
+            ctx.input_dir, ctx.output_dir, f"modelopt_{params.quantize}", events=ctx.events, cancel=ctx.cancel
+        ).as_dict()
     figures.update(memory_needed_bytes=needed, runtime=runtime, source_dtype=source_dtype(config))
     return StageResult(metrics=figures)
