@@ -309,8 +309,8 @@ def test_model_rules_are_checked_when_config_json_arrives(tmp_path: Path) -> Non
 
 
 def test_schemes_not_built_yet_fail_saying_so(tiny_llama: Path, tmp_path: Path) -> None:
-    with pytest.raises(InfrastructureError, match="OPTION_QUANTIZE=awq for CUDA compilation; fp8 and none are built"):
-        _run_stage(_plan({"OPTION_QUANTIZE": "awq"}), tiny_llama, tmp_path / "out")
+    with pytest.raises(InfrastructureError, match="OPTION_QUANTIZE=smoothquant for CUDA compilation; fp8, awq, none"):
+        _run_stage(_plan({"OPTION_QUANTIZE": "smoothquant"}), tiny_llama, tmp_path / "out")
     with pytest.raises(InputError, match="already quantized"):
         model = tmp_path / "quantized"
         model.mkdir()
@@ -360,3 +360,49 @@ def test_a_stop_during_calibration_publishes_nothing(s3_bucket: S3Bucket, tiny_l
     calibrated = [e for e in seen if e.step == "calibrate"]
     assert len(calibrated) == 2  # the next sample saw the stop
     assert s3_bucket.keys("out/") == [] and not (tmp_path / "work").exists()
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Hidden 256: every row-parallel input (256, 512) still holds whole groups of 128 at TP 2."""
+    from optjob.testing import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("wide") / "model", hidden=256, intermediate=512, layers=2,
+                            heads=4, kv_heads=2, vocab=500, train_steps=40)  # fmt: skip
+
+
+def test_an_awq_compile_writes_the_int4_layout_tensorrt_llm_reads(wide_llama: Path, tmp_path: Path) -> None:
+    """TensorRT-LLM's ModelOpt W4A16_AWQ reader: ``weight`` uint8 holding two int4 output rows per byte,
+    ``weight_scale`` float32 [out, in / 128], ``pre_quant_scale`` where AWQ could not fold it into a norm
+    (o_proj, down_proj), hf_quant_config.json naming the algorithm, the group and no zero point."""
+    plan = _plan({"OPTION_QUANTIZE": "awq", "OPTION_TENSOR_PARALLEL_DEGREE": "2", "OPTION_CALIB_SIZE": "8"},
+                 instance="ml.g5.12xlarge")  # fmt: skip
+    figures = _run_stage(plan, wide_llama, tmp_path / "out")
+    hf_quant = json.loads((tmp_path / "out" / "hf_quant_config.json").read_text())["quantization"]
+    assert hf_quant["quant_algo"] == "W4A16_AWQ" and hf_quant["group_size"] == 128
+    assert hf_quant["has_zero_point"] is False and hf_quant["pre_quant_scale"] is True
+    ours, source = _tensors(tmp_path / "out"), _tensors(wide_llama)
+    for layer in range(2):
+        for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"):
+            module = f"model.layers.{layer}.{proj}"
+            rows, columns = source[f"{module}.weight"][1]
+            assert ours[f"{module}.weight"] == ("U8", [rows // 2, columns])
+            assert ours[f"{module}.weight_scale"] == ("F32", [rows, columns // 128])
+        assert ours[f"model.layers.{layer}.self_attn.o_proj.pre_quant_scale"][1] == [256]
+        assert ours[f"model.layers.{layer}.mlp.down_proj.pre_quant_scale"][1] == [512]
+    assert figures["structure"]["quantized"] == 14
+    gate = figures["verification"]
+    assert gate["passed"] and gate["per_tensor"]["mode"] == "channel_rescaled"
+    assert gate["per_tensor"]["max_rel_error"] < 0.25 and gate["e2e"]["mean_kl"] < 0.1
+    runtime = yaml.safe_load((tmp_path / "out" / "llm_api_options.yaml").read_text())
+    assert runtime["tensor_parallel_size"] == 2 and runtime["kv_cache_config"]["dtype"] == "auto"
+
+
+def test_awq_without_a_tokenizer_is_refused(wide_llama: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for item in wide_llama.iterdir():
+        if not item.name.startswith(("tokenizer", "special_tokens")):
+            (bare / item.name).write_bytes(item.read_bytes())
+    with pytest.raises(InputError, match="OPTION_QUANTIZE=awq fits the weights to calibration text"):
+        _run_stage(_plan({"OPTION_QUANTIZE": "awq"}, instance="ml.g5.12xlarge"), bare, tmp_path / "out")

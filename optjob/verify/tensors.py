@@ -29,7 +29,10 @@ import torch
 from optjob.storage.safetensors_io import FLOAT_DTYPES, ShardReader
 
 Mode = Literal["direct", "channel_rescaled"]
-_QUANT_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_global_scale", "weight_shape", "SCB")
+_QUANT_SUFFIXES = (
+    "weight_packed", "weight_scale", "weight_zero_point", "weight_global_scale", "weight_shape", "SCB",
+    "pre_quant_scale",  # Model Optimizer's AWQ input scaling, where it is not folded into the norm before
+)  # fmt: skip
 
 
 @dataclass
@@ -168,11 +171,35 @@ def ct_scheme(qconfig: dict[str, Any]) -> Any:
     return QuantizationScheme.model_validate(groups[0]) if len(groups) == 1 else None
 
 
+def _unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
+    """Model Optimizer packs two signed int4 values of consecutive output rows per byte, low nibble first."""
+    nibbles = torch.stack([packed & 0x0F, packed >> 4], dim=1).to(torch.int8)
+    nibbles = torch.where(nibbles >= 8, nibbles - 16, nibbles)
+    return nibbles.reshape(packed.shape[0] * 2, packed.shape[1])
+
+
+def _modelopt_weight(reader: CheckpointReader, module: str) -> torch.Tensor:
+    """The effective float weight of a Model Optimizer module: FP8 x per-tensor scale, or INT4 x
+    per-group scale, times the AWQ ``pre_quant_scale`` on its input channels when it is stored."""
+    weight = reader.get(f"{module}.weight")
+    scale = reader.get(f"{module}.weight_scale").float()
+    if weight.dtype == torch.float8_e4m3fn:
+        dense = weight.float() * scale
+    elif weight.dtype == torch.uint8:
+        ints = _unpack_int4_rows(weight).float()
+        dense = ints * scale.repeat_interleave(ints.shape[1] // scale.shape[1], dim=1)
+    else:
+        raise ValueError(f"{module}.weight is {weight.dtype}; Model Optimizer's FP8 and INT4 formats are decoded")
+    if f"{module}.pre_quant_scale" in reader.map:
+        dense = dense * reader.get(f"{module}.pre_quant_scale").float()[None, :]
+    return dense
+
+
 class WeightDecoder:
     """Which modules of a checkpoint are quantized, and each one's weight dequantized to float.
 
     One place that knows the on-disk layouts (compressed-tensors' compressors, bitsandbytes'
-    quant states, Model Optimizer's FP8 weight and scale), shared by the per-tensor check and the
+    quant states, Model Optimizer's FP8 and INT4 weights and scales), shared by the per-tensor check and the
     layer-by-layer end-to-end comparison.
     """
 
@@ -212,10 +239,7 @@ class WeightDecoder:
 
     def decode(self, module: str) -> torch.Tensor:
         if self.method == "modelopt":
-            weight = self.reader.get(f"{module}.weight")
-            if weight.dtype != torch.float8_e4m3fn:
-                raise ValueError(f"{module}.weight is {weight.dtype}; only Model Optimizer's FP8 family is decoded")
-            return weight.float() * self.reader.get(f"{module}.weight_scale").float()
+            return _modelopt_weight(self.reader, module)
         if self.method == "compressed-tensors":
             local = {name: self.reader.get(f"{module}.{name}") for name in self._locals[module]}
             return self._decode_ct(local)

@@ -50,7 +50,10 @@ def run_cuda_compile(params: CudaCompileParams, stage: PlannedStage, ctx: StageC
     scheme = cuda_rules().schemes[params.quantize]
     if not scheme.built:
         raise driver_not_in_build(
-            stage.technique, f"OPTION_QUANTIZE={params.quantize} for CUDA compilation; fp8 and none are built"
+            stage.technique,
+            f"OPTION_QUANTIZE={params.quantize} for CUDA compilation; "
+            + ", ".join(name for name, rule in cuda_rules().schemes.items() if rule.built)
+            + " are built",
         )
     needed = _check_memory(ctx.input_dir)
     config = json.loads((ctx.input_dir / "config.json").read_text(encoding="utf-8"))
@@ -87,6 +90,7 @@ def run_cuda_compile(params: CudaCompileParams, stage: PlannedStage, ctx: StageC
         scheme=params.quantize,
         dtype=dtype,
         kv_fp8=params.kv_cache_quant == "fp8",
+        group_size=scheme.group_size or 128,
     )
     if params.quantize != "none":
         figures["verification"] = run_gate(

@@ -54,6 +54,12 @@ def _samples(model_dir: Path, texts: list[str], params: CudaCompileParams) -> tu
         if not rows:
             raise InputError("The calibration data produced no non-empty samples after tokenization")
         return rows, "text"
+    if params.quantize != "fp8":
+        raise InputError(
+            f"OPTION_QUANTIZE={params.quantize} fits the weights to calibration text, and {tokenizer.warning}, so "
+            "the text cannot be tokenized. Add the model's tokenizer files (tokenizer.json and tokenizer_config.json) "
+            "beside config.json, or use OPTION_QUANTIZE=fp8, which calibrates on token ids without one"
+        )
     if params.calib_dataset not in (None, "", "builtin"):
         raise InputError(
             f"OPTION_CALIB_DATASET={params.calib_dataset} is text, and {tokenizer.warning}, so it cannot be "

@@ -3,7 +3,8 @@
 TensorRT-LLM's and vLLM's ModelOpt loaders both fill a missing ``weight_scale`` or ``input_scale``
 with a placeholder instead of failing, so a checkpoint that lost one would load and serve garbage.
 Before publishing, each FP8 weight must carry a finite, positive ``weight_scale`` and
-``input_scale`` (and the KV projections their ``k_scale`` / ``v_scale`` when the KV cache is FP8),
+``input_scale``, each INT4 weight its per-group ``weight_scale`` (and its AWQ ``pre_quant_scale``
+where stored), the KV projections their ``k_scale`` / ``v_scale`` when the KV cache is FP8,
 every source tensor must be there under its own name, and every tensor left unquantized must be in
 the published dtype (and, when nothing was quantized, equal to the source). The numbers (each
 weight dequantized with its own scale, the layer-by-layer replay with FP8 inputs) are the shared
@@ -12,7 +13,6 @@ gate's (``optjob.verify.gate``). Tensors are read one at a time, so the check wo
 
 from __future__ import annotations
 
-import math
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -22,19 +22,26 @@ import torch
 from optjob.errors import VerificationFailed
 from optjob.verify.tensors import CheckpointReader
 
-SCALES = ("weight_scale", "input_scale", "k_scale", "v_scale")
+SCALES = ("weight_scale", "input_scale", "k_scale", "v_scale", "pre_quant_scale")
 
 
-def _scale(reader: CheckpointReader, name: str, problems: list[str]) -> None:
+def _scale(reader: CheckpointReader, name: str, problems: list[str], *, shape: list[int] | None = None) -> None:
+    """A scale the loaders need: present, the expected shape (one value by default), finite and positive."""
     if name not in reader.map:
         problems.append(f"{name} is missing (the loaders would substitute a placeholder)")
         return
     value = reader.get(name).float()
-    if value.numel() != 1 or not math.isfinite(float(value)) or float(value) <= 0:
-        problems.append(f"{name} is {value.flatten()[:4].tolist()}, not one finite positive scale")
+    if shape is None and value.numel() != 1:
+        problems.append(f"{name} has shape {list(value.shape)}, not one per-tensor scale")
+    elif shape is not None and list(value.shape) != shape:
+        problems.append(f"{name} has shape {list(value.shape)} where the weight needs {shape}")
+    elif not bool(torch.isfinite(value).all()) or not bool((value > 0).all()):
+        problems.append(f"{name} is {value.flatten()[:4].tolist()}, not finite positive scales")
 
 
-def verify_modelopt_checkpoint(source: Path, output: Path, *, scheme: str, dtype: str, kv_fp8: bool) -> dict[str, Any]:
+def verify_modelopt_checkpoint(
+    source: Path, output: Path, *, scheme: str, dtype: str, kv_fp8: bool, group_size: int = 128
+) -> dict[str, Any]:
     """Counts for the manifest; raises VerificationFailed naming the first problems."""
     problems: list[str] = []
     counts = {"quantized": 0, "unquantized": 0}
@@ -51,11 +58,18 @@ def verify_modelopt_checkpoint(source: Path, output: Path, *, scheme: str, dtype
                 problems.append(f"{name} is not a tensor of the source model")
                 continue
             tensor = out.get(name)
+            module = name.removesuffix(".weight")
             if tensor.dtype == torch.float8_e4m3fn:
-                module = name.removesuffix(".weight")
                 counts["quantized"] += 1
                 _scale(out, f"{module}.weight_scale", problems)
                 _scale(out, f"{module}.input_scale", problems)
+            elif tensor.dtype == torch.uint8:  # INT4, two output rows per byte, one scale per group of inputs
+                counts["quantized"] += 1
+                rows, columns = src.slice(name).get_shape()
+                _scale(out, f"{module}.weight_scale", problems, shape=[rows, columns // group_size])
+                if f"{module}.pre_quant_scale" in out.map:
+                    _scale(out, f"{module}.pre_quant_scale", problems, shape=[columns])
+            if tensor.dtype in (torch.float8_e4m3fn, torch.uint8):
                 if kv_fp8 and module.endswith(("k_proj", "v_proj")):
                     _scale(out, f"{module}.{module[-6]}_scale", problems)
                 continue
