@@ -309,8 +309,8 @@ def test_model_rules_are_checked_when_config_json_arrives(tmp_path: Path) -> Non
 
 
 def test_schemes_not_built_yet_fail_saying_so(tiny_llama: Path, tmp_path: Path) -> None:
-    with pytest.raises(InfrastructureError, match="OPTION_QUANTIZE=smoothquant for CUDA compilation; fp8, awq, none"):
-        _run_stage(_plan({"OPTION_QUANTIZE": "smoothquant"}), tiny_llama, tmp_path / "out")
+    with pytest.raises(InfrastructureError, match="OPTION_QUANTIZE=nvfp4 for CUDA compilation; fp8, awq, smoothquant"):
+        _run_stage(_plan({"OPTION_QUANTIZE": "nvfp4"}, instance="ml.p6-b200.48xlarge"), tiny_llama, tmp_path / "out")
     with pytest.raises(InputError, match="already quantized"):
         model = tmp_path / "quantized"
         model.mkdir()
@@ -406,3 +406,22 @@ def test_awq_without_a_tokenizer_is_refused(wide_llama: Path, tmp_path: Path) ->
             (bare / item.name).write_bytes(item.read_bytes())
     with pytest.raises(InputError, match="OPTION_QUANTIZE=awq fits the weights to calibration text"):
         _run_stage(_plan({"OPTION_QUANTIZE": "awq"}, instance="ml.g5.12xlarge"), bare, tmp_path / "out")
+
+
+def test_a_smoothquant_compile_writes_int8_with_its_smoothing(wide_llama: Path, tmp_path: Path) -> None:
+    """TensorRT-LLM's W8A8_SQ_PER_CHANNEL reader: ``weight`` int8, ``weight_scale`` float32 per output channel,
+    a static per-tensor ``input_scale`` and the smoothing ``pre_quant_scale`` per input channel."""
+    plan = _plan({"OPTION_QUANTIZE": "smoothquant", "OPTION_CALIB_SIZE": "8"}, instance="ml.g5.12xlarge")
+    figures = _run_stage(plan, wide_llama, tmp_path / "out")
+    hf_quant = json.loads((tmp_path / "out" / "hf_quant_config.json").read_text())["quantization"]
+    assert hf_quant["quant_algo"] == "W8A8_SQ_PER_CHANNEL"
+    ours, source = _tensors(tmp_path / "out"), _tensors(wide_llama)
+    for proj in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
+        module = f"model.layers.1.{proj}"
+        rows, columns = source[f"{module}.weight"][1]
+        assert ours[f"{module}.weight"] == ("I8", [rows, columns])
+        assert ours[f"{module}.weight_scale"] == ("F32", [rows]) and ours[f"{module}.input_scale"] == ("F32", [])
+        assert ours[f"{module}.pre_quant_scale"][1] == [columns]
+    gate = figures["verification"]
+    assert gate["passed"] and gate["e2e"]["mean_kl"] < 0.05 and gate["e2e"]["max_layer_rel_error"] < 0.2
+    assert gate["per_tensor"]["quantized_tensors"] == 14  # measured and reported; the output decides (verify.yaml)

@@ -131,19 +131,27 @@ class _Checkpoint:
         return handles
 
     def _static_fp8_inputs(self, layer: torch.nn.Module, prefix: str) -> list[Any]:
-        """Model Optimizer's FP8 W8A8: each quantized linear's input is cast to FP8 E4M3 with the
-        checkpoint's own static ``input_scale``, as the serving kernels do."""
+        """Model Optimizer's W8A8 schemes: each quantized linear's input, times its ``pre_quant_scale``
+        where stored (SmoothQuant), is cast to FP8 E4M3 or rounded to INT8 with the checkpoint's own
+        static ``input_scale``, as the serving kernels do; the smoothing is divided out again because
+        the decoded weight carries it."""
         handles = []
         for local, module in layer.named_modules():
             full = f"{prefix}{local}"
             if not (self.decoder.is_quantized(full) and self.has(f"{full}.input_scale")):
                 continue
             scale = self.reader.get(f"{full}.input_scale").float()
+            smooth = self.reader.get(f"{full}.pre_quant_scale").float() if self.has(f"{full}.pre_quant_scale") else None
+            as_int8 = self.reader.slice(f"{full}.weight").get_dtype() == "I8"
 
-            def hook(mod: torch.nn.Module, inputs: tuple[Any, ...], scale: torch.Tensor = scale) -> tuple[Any, ...]:
-                x = inputs[0]
-                quantized = (x / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(x.dtype) * scale
-                return (quantized, *inputs[1:])
+            def hook(mod: torch.nn.Module, inputs: tuple[Any, ...], scale: torch.Tensor = scale,
+                     smooth: torch.Tensor | None = smooth, as_int8: bool = as_int8) -> tuple[Any, ...]:  # fmt: skip
+                x = inputs[0] if smooth is None else inputs[0] * smooth
+                if as_int8:
+                    q = (x / scale).round().clamp(-128.0, 127.0) * scale
+                else:
+                    q = (x / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(x.dtype) * scale
+                return (q if smooth is None else q / smooth, *inputs[1:])
 
             handles.append(module.register_forward_pre_hook(hook))
         return handles

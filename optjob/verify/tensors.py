@@ -179,8 +179,9 @@ def _unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
 
 
 def _modelopt_weight(reader: CheckpointReader, module: str) -> torch.Tensor:
-    """The effective float weight of a Model Optimizer module: FP8 x per-tensor scale, or INT4 x
-    per-group scale, times the AWQ ``pre_quant_scale`` on its input channels when it is stored."""
+    """The effective float weight of a Model Optimizer module: FP8 x per-tensor scale, INT8 x
+    per-channel scale or INT4 x per-group scale, times the ``pre_quant_scale`` (AWQ, SmoothQuant) on
+    its input channels when it is stored."""
     weight = reader.get(f"{module}.weight")
     scale = reader.get(f"{module}.weight_scale").float()
     if weight.dtype == torch.float8_e4m3fn:
@@ -188,8 +189,10 @@ def _modelopt_weight(reader: CheckpointReader, module: str) -> torch.Tensor:
     elif weight.dtype == torch.uint8:
         ints = _unpack_int4_rows(weight).float()
         dense = ints * scale.repeat_interleave(ints.shape[1] // scale.shape[1], dim=1)
+    elif weight.dtype == torch.int8:  # SmoothQuant W8A8: one scale per output channel
+        dense = weight.float() * scale.reshape(-1, 1)
     else:
-        raise ValueError(f"{module}.weight is {weight.dtype}; Model Optimizer's FP8 and INT4 formats are decoded")
+        raise ValueError(f"{module}.weight is {weight.dtype}; Model Optimizer's FP8, INT8 and INT4 formats are decoded")
     if f"{module}.pre_quant_scale" in reader.map:
         dense = dense * reader.get(f"{module}.pre_quant_scale").float()[None, :]
     return dense
@@ -199,7 +202,7 @@ class WeightDecoder:
     """Which modules of a checkpoint are quantized, and each one's weight dequantized to float.
 
     One place that knows the on-disk layouts (compressed-tensors' compressors, bitsandbytes'
-    quant states, Model Optimizer's FP8 and INT4 weights and scales), shared by the per-tensor check and the
+    quant states, Model Optimizer's FP8, INT8 and INT4 weights and scales), shared by the per-tensor check and the
     layer-by-layer end-to-end comparison.
     """
 

@@ -3,8 +3,9 @@
 TensorRT-LLM's and vLLM's ModelOpt loaders both fill a missing ``weight_scale`` or ``input_scale``
 with a placeholder instead of failing, so a checkpoint that lost one would load and serve garbage.
 Before publishing, each FP8 weight must carry a finite, positive ``weight_scale`` and
-``input_scale``, each INT4 weight its per-group ``weight_scale`` (and its AWQ ``pre_quant_scale``
-where stored), the KV projections their ``k_scale`` / ``v_scale`` when the KV cache is FP8,
+``input_scale``, each INT8 (SmoothQuant) weight its per-channel ``weight_scale``, ``input_scale``
+and ``pre_quant_scale``, each INT4 weight its per-group ``weight_scale`` (and its AWQ
+``pre_quant_scale`` where stored), the KV projections their ``k_scale`` / ``v_scale`` when the KV cache is FP8,
 every source tensor must be there under its own name, and every tensor left unquantized must be in
 the published dtype (and, when nothing was quantized, equal to the source). The numbers (each
 weight dequantized with its own scale, the layer-by-layer replay with FP8 inputs) are the shared
@@ -63,13 +64,19 @@ def verify_modelopt_checkpoint(
                 counts["quantized"] += 1
                 _scale(out, f"{module}.weight_scale", problems)
                 _scale(out, f"{module}.input_scale", problems)
+            elif tensor.dtype == torch.int8:  # SmoothQuant INT8: per-channel weight scales, smoothing factors
+                counts["quantized"] += 1
+                rows, columns = src.slice(name).get_shape()
+                _scale(out, f"{module}.weight_scale", problems, shape=[rows])
+                _scale(out, f"{module}.input_scale", problems)
+                _scale(out, f"{module}.pre_quant_scale", problems, shape=[columns])
             elif tensor.dtype == torch.uint8:  # INT4, two output rows per byte, one scale per group of inputs
                 counts["quantized"] += 1
                 rows, columns = src.slice(name).get_shape()
                 _scale(out, f"{module}.weight_scale", problems, shape=[rows, columns // group_size])
                 if f"{module}.pre_quant_scale" in out.map:
                     _scale(out, f"{module}.pre_quant_scale", problems, shape=[columns])
-            if tensor.dtype in (torch.float8_e4m3fn, torch.uint8):
+            if tensor.dtype in (torch.float8_e4m3fn, torch.int8, torch.uint8):
                 if kv_fp8 and module.endswith(("k_proj", "v_proj")):
                     _scale(out, f"{module}.{module[-6]}_scale", problems)
                 continue
