@@ -297,9 +297,9 @@ def test_model_rules_are_checked_when_config_json_arrives(tmp_path: Path) -> Non
     )
     params = CudaCompileParams(**plan.stages[0].params)
     config = {"num_attention_heads": 8, "hidden_size": 1024, "intermediate_size": 1536}
-    assert model_problems(params, config) == []  # 1024 / 4 and 1536 / 4 are multiples of 128
+    assert model_problems(params, config, plan.target) == []  # 1024 / 4 and 1536 / 4 are multiples of 128
     config["intermediate_size"] = 1280
-    assert "1280 / 4 = 320 is not a multiple of the group size 128" in model_problems(params, config)[0]
+    assert "1280 / 4 = 320 is not a multiple of the group size 128" in model_problems(params, config, plan.target)[0]
     stage = plan.stages[0]
     technique = technique_for(stage.technique)
     quantized = {**config, "quantization_config": {"quant_method": "compressed-tensors"}}
@@ -425,3 +425,25 @@ def test_a_smoothquant_compile_writes_int8_with_its_smoothing(wide_llama: Path, 
     gate = figures["verification"]
     assert gate["passed"] and gate["e2e"]["mean_kl"] < 0.05 and gate["e2e"]["max_layer_rel_error"] < 0.2
     assert gate["per_tensor"]["quantized_tensors"] == 14  # measured and reported; the output decides (verify.yaml)
+
+
+LLAMA_70B = {
+    "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256, "torch_dtype": "bfloat16",
+}  # fmt: skip
+
+
+def test_weights_that_do_not_fit_the_targets_gpus_are_refused_when_config_json_arrives() -> None:
+    from optjob.techniques.compile.cuda_plan import CudaCompileParams, model_problems, parameter_counts
+
+    linear, other = parameter_counts(LLAMA_70B)
+    assert 68e9 < linear + other < 72e9  # Llama-3-70B's 70.6 B parameters
+    bf16 = _plan({"OPTION_TENSOR_PARALLEL_DEGREE": "4"})
+    problems = model_problems(CudaCompileParams(**bf16.stages[0].params), LLAMA_70B, bf16.target)
+    assert problems == [
+        "the none checkpoint needs about 32.9 GiB of weights per GPU at OPTION_TENSOR_PARALLEL_DEGREE=4, plus 0.1 GiB "
+        "of KV cache for one 1536-token sequence, and each L4 of ml.g6.12xlarge has 24 GiB (21.6 GiB usable); raise "
+        "the degree (up to 4), quantize further, or choose a larger instance"
+    ]
+    fp8 = _plan({"OPTION_QUANTIZE": "fp8", "OPTION_TENSOR_PARALLEL_DEGREE": "4"})
+    assert model_problems(CudaCompileParams(**fp8.stages[0].params), LLAMA_70B, fp8.target) == []

@@ -145,16 +145,81 @@ def plan_params(env: Mapping[str, str], target: InstanceSpec, degree: int, *, pa
     )
 
 
-def model_problems(params: CudaCompileParams, config: Mapping[str, Any]) -> list[str]:
-    """What in the model's config.json the plan cannot honour (INT4 AWQ groups across TP ranks)."""
+GiB = 2**30
+_LINEAR_BYTES = {"fp8": 1.0, "smoothquant": 1.0, "awq": 0.5 + 4 / 128, "nvfp4": 0.5 + 1 / 16}
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def parameter_counts(config: Mapping[str, Any]) -> tuple[int, int]:
+    """``(linear, other)`` parameters of a Llama-style decoder from its config.json (MoE experts counted):
+    the linears are what a scheme quantizes, the rest (embedding, LM head, norms) stays in the dtype."""
+    config = config.get("text_config") or config
+    hidden, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    experts = int(config.get("num_local_experts") or config.get("num_experts") or 1)
+    intermediate = (
+        int(config.get("moe_intermediate_size") or config["intermediate_size"])
+        if experts > 1
+        else int(config["intermediate_size"])
+    )
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    mlp = 3 * hidden * intermediate * experts
+    vocab = int(config["vocab_size"])
+    other = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2) + hidden * (2 * layers + 1)
+    return layers * (attention + mlp), other
+
+
+def gpu_fit_problem(params: CudaCompileParams, config: Mapping[str, Any], target: InstanceSpec) -> str | None:
+    """Whether the compiled weights at the TP degree, plus the KV cache of one sequence of max_seq_len,
+    fit one of the target's GPUs (estimated from config.json; 10 % kept for the runtime itself)."""
+    try:
+        linear, other = parameter_counts(config)
+    except (KeyError, TypeError, ValueError):
+        return None  # not a Llama-style config: no estimate, the serving stack will tell
+    dtype = params.dtype or str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
+    plain = _DTYPE_BYTES.get(dtype, 2)
+    weights = linear * _LINEAR_BYTES.get(params.quantize, plain) + other * plain
+    text = config.get("text_config") or config
+    heads = int(text["num_attention_heads"])
+    head_dim = int(text.get("head_dim") or int(text["hidden_size"]) // heads)
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    kv_bytes = 1 if params.kv_cache_quant == "fp8" else plain
+    kv = (
+        2
+        * int(text["num_hidden_layers"])
+        * kv_heads
+        * head_dim
+        * kv_bytes
+        * (params.max_input_len + params.max_output_len)
+    )
+    degree = params.tensor_parallel_degree
+    per_gpu = (weights + kv) / degree
+    usable = target.memory_gib * GiB * 0.9
+    if per_gpu <= usable:
+        return None
+    return (
+        f"the {params.quantize} checkpoint needs about {weights / degree / GiB:.1f} GiB of weights per GPU at "
+        f"OPTION_TENSOR_PARALLEL_DEGREE={degree}, plus {kv / degree / GiB:.1f} GiB of KV cache for one "
+        f"{params.max_input_len + params.max_output_len}-token sequence, and each {target.accelerator} of "
+        f"{target.name} has {target.memory_gib:g} GiB ({usable / GiB:.1f} GiB usable); raise the degree (up to "
+        f"{target.accelerator_count}), quantize further, or choose a larger instance"
+    )
+
+
+def model_problems(params: CudaCompileParams, config: Mapping[str, Any], target: InstanceSpec) -> list[str]:
+    """What in the model's config.json the plan cannot honour: INT4 AWQ groups across TP ranks, and
+    weights plus a minimal KV cache that do not fit the target's GPUs."""
+    fit = gpu_fit_problem(params, config, target)
+    problems = [fit] if fit else []
     scheme = cuda_rules().schemes[params.quantize]
     degree = params.tensor_parallel_degree
     if scheme.group_size is None or degree == 1:
-        return []
+        return problems
     heads = int(config.get("num_attention_heads", 0))
     head_dim = int(config.get("head_dim") or (int(config.get("hidden_size", 0)) // max(heads, 1)))
     row_parallel = {"self_attn.o_proj": heads * head_dim, "mlp.down_proj": int(config.get("intermediate_size", 0))}
-    problems = []
     for layer, width in row_parallel.items():
         if width % degree or (width // degree) % scheme.group_size:
             problems.append(

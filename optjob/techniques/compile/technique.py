@@ -144,7 +144,7 @@ class CompilationTechnique(Technique):
 
     def model_problems(self, stage: PlannedStage, config: Mapping[str, Any], target: InstanceSpec) -> list[str]:
         if stage.engine == CUDA_ENGINE:
-            problems = cuda_plan.model_problems(CudaCompileParams(**stage.params), config)
+            problems = cuda_plan.model_problems(CudaCompileParams(**stage.params), config, target)
             if config.get("quantization_config"):
                 method = config["quantization_config"].get("quant_method", "unknown")
                 problems.insert(0, f"the model is already quantized (quantization_config.quant_method={method}); "
