@@ -156,7 +156,12 @@ def measure(server: Any, name: str, model_dir: Path, opts: argparse.Namespace, w
             "optjob peak RSS / model": job.peak_tree_bytes / size if job.rc == 0 else None,
             "by-hand peak RSS / model": hand.peak_tree_bytes / size if hand.rc == 0 else None,
         },
-        "stage": {k: stage.get(k) for k in ("seconds", "calibrate_seconds", "calibration_samples", "verify")},
+        "stage": {
+            **{k: stage.get(k) for k in ("seconds", "calibrate_seconds", "calibration_samples")},
+            "gate_passed": (stage.get("verification") or {}).get("passed"),
+            "gate_e2e_seconds": ((stage.get("verification") or {}).get("e2e") or {}).get("seconds"),
+            "gate_max_rel_error": ((stage.get("verification") or {}).get("per_tensor") or {}).get("max_rel_error"),
+        },
         "timings": (manifest or {}).get("timings"),
     }
 
