@@ -214,7 +214,7 @@ LAYER0 = "model.layers.0"
         (_drop(f"{LAYER0}.mlp.up_proj.input_scale"),
          f"{LAYER0}.mlp.up_proj.input_scale is missing (the loaders would substitute a placeholder)"),
         (_scale_by(f"{LAYER0}.self_attn.k_proj.k_scale", 0.0),
-         f"{LAYER0}.self_attn.k_proj.k_scale is [0.0], not one finite positive scale"),
+         f"{LAYER0}.self_attn.k_proj.k_scale is [0.0], not finite positive scales"),
         (_to_float32(f"{LAYER0}.input_layernorm.weight"),
          f"{LAYER0}.input_layernorm.weight is float32, not the published bfloat16"),
     ],
