@@ -65,9 +65,6 @@ class HostInfo:
             return "neuron"
         return "cpu"
 
-    def capabilities(self) -> set[str]:
-        return {gpu.compute_capability for gpu in self.gpus if gpu.compute_capability}
-
     def summary(self) -> str:
         """One phrase for logs and refusal reasons, e.g. ``2 x NVIDIA H100 80GB HBM3 (sm_90), CUDA 12.8``."""
         parts: list[str] = []

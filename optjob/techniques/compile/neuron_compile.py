@@ -93,6 +93,18 @@ def _check_versions(env: NeuronEnvironment, plan: NeuronExportPlan) -> None:
         )
 
 
+def compile_cache_key(root: Path, model: Path, plan: NeuronExportPlan, *, model_id: str) -> tuple[CacheKey, dict]:
+    """The cache key of this export (optimum-neuron's own digest and hash) and its serialized registry entry."""
+    entry = cache_entry(root, model_dir=model, model_id=model_id, task=TASK, neuron_config=plan.neuron_config)
+    key = CacheKey(
+        neuronxcc=plan.neuron_config["neuronxcc_version"],
+        optimum_neuron=neuron_rules().optimum_neuron,
+        arch_digest=entry["arch_digest"],
+        hash=entry["hash"],
+    )
+    return key, entry
+
+
 def run_neuron_compile(plan: NeuronExportPlan, ctx: StageContext) -> StageResult:
     rules = neuron_rules()
     root = locate(os.environ, rules.optimum_neuron)
@@ -116,15 +128,7 @@ def run_neuron_compile(plan: NeuronExportPlan, ctx: StageContext) -> StageResult
     if location is not None:
         settings = ctx.storage or S3Settings()
         cache = NeuronCompileCache(location, make_client(settings), settings)
-        entry = cache_entry(
-            root, model_dir=model, model_id=f"optjob/{ctx.job_name}", task=TASK, neuron_config=plan.neuron_config
-        )
-        key = CacheKey(
-            neuronxcc=plan.neuron_config["neuronxcc_version"],
-            optimum_neuron=rules.optimum_neuron,
-            arch_digest=entry["arch_digest"],
-            hash=entry["hash"],
-        )
+        key, entry = compile_cache_key(root, model, plan, model_id=f"optjob/{ctx.job_name}")
         metrics["compile_cache_key"] = key.model_dump()
         hit, notes = cache.lookup(key, plan.neuron_config)
         for note in notes:

@@ -39,15 +39,14 @@ from optjob.techniques.compile import cuda_plan
 from optjob.techniques.compile.cuda_compile import run_cuda_compile
 from optjob.techniques.compile.cuda_plan import ENGINE as CUDA_ENGINE
 from optjob.techniques.compile.cuda_plan import CudaCompileParams
-from optjob.techniques.compile.neuron_cache import CacheKey, cache_root
-from optjob.techniques.compile.neuron_compile import export_input, run_neuron_compile
+from optjob.techniques.compile.neuron_cache import cache_root
+from optjob.techniques.compile.neuron_compile import compile_cache_key, export_input, run_neuron_compile
 from optjob.techniques.compile.neuron_env import TOOLCHAIN as NEURON_ENV_TOOLCHAIN
-from optjob.techniques.compile.neuron_env import cache_entry, locate
+from optjob.techniques.compile.neuron_env import locate
 from optjob.techniques.compile.neuron_env import present as neuron_env_present
 from optjob.techniques.compile.neuron_layout import REQUIRED as ARTIFACT_FILES
 from optjob.techniques.compile.neuron_layout import SHARDS
 from optjob.techniques.compile.neuron_plan import (
-    TASK,
     NeuronExportPlan,
     NeuronPlanError,
     NeuronRequest,
@@ -195,10 +194,7 @@ class CompilationTechnique(Technique):
         with tempfile.TemporaryDirectory() as scratch:
             (Path(scratch) / "config.json").write_text(json.dumps(dict(config)), encoding="utf-8")
             model = export_input(Path(scratch), Path(scratch) / "export", plan.export_dtype)
-            entry = cache_entry(locate(os.environ, rules.optimum_neuron), model_dir=model, model_id="optjob/JOB",
-                                task=TASK, neuron_config=plan.neuron_config)  # fmt: skip
-        key = CacheKey(neuronxcc=plan.neuron_config["neuronxcc_version"], optimum_neuron=rules.optimum_neuron,
-                       arch_digest=entry["arch_digest"], hash=entry["hash"])  # fmt: skip
+            key, _ = compile_cache_key(locate(os.environ, rules.optimum_neuron), model, plan, model_id="optjob/JOB")
         return [
             f"  compile cache: {uri}; looks up {key.registry_dir()}*.json for this neuron config, stores the "
             f"compiled model under {key.artifact_prefix('<entry hash>')}"
