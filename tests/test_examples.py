@@ -24,6 +24,7 @@ VALID = {
     "awq-g5-2xlarge.yaml": ("ml.g5.2xlarge", "A10G", ["Quantization"]),
     "neuron-compile-inf2-48xlarge.json": ("ml.inf2.48xlarge", "Inferentia2", ["Compilation"]),
     "eagle-p5-48xlarge.json": ("ml.p5.48xlarge", "H100", ["SpeculativeDecoding"]),
+    "eagle-g6-12xlarge.json": ("ml.g6.12xlarge", "L4", ["SpeculativeDecoding"]),
     "shard-tp2-g6-12xlarge.json": ("ml.g6.12xlarge", "L4", ["Sharding"]),
     "compile-fp8-g6-12xlarge.json": ("ml.g6.12xlarge", "L4", ["Compilation"]),
 }

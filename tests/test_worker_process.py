@@ -239,16 +239,17 @@ def test_gated_source_bucket_is_refused_before_download(s3_bucket: S3Bucket, tmp
     assert described.optimization_job_status == "FAILED" and "AcceptEula" in (described.failure_reason or "")
 
 
-def test_hardware_job_is_refused_on_a_cpu_host(s3_bucket: S3Bucket, tmp_path: Path) -> None:
-    spec = fp8_spec("eagle-on-cpu", s3_bucket.uri("models/none/"), s3_bucket.uri("out/eagle/"),
-                    DeploymentInstanceType="ml.p5.48xlarge",
-                    OptimizationConfigs=[{"ModelSpeculativeDecodingConfig": {"Technique": "EAGLE"}}])  # fmt: skip
-    code, log, _ = run_worker(worker_env(s3_bucket, tmp_path, OPTJOB_SPEC=json.dumps(spec)))
+def test_job_is_refused_on_a_host_without_its_toolchain(s3_bucket: S3Bucket, tmp_path: Path) -> None:
+    spec = fp8_spec("neuron-on-cpu", s3_bucket.uri("models/none/"), s3_bucket.uri("out/neuron/"),
+                    DeploymentInstanceType="ml.inf2.48xlarge",
+                    OptimizationEnvironment={"OPTION_TENSOR_PARALLEL_DEGREE": "2"},
+                    OptimizationConfigs=[{"ModelCompilationConfig": {}}])  # fmt: skip
+    env = worker_env(s3_bucket, tmp_path, OPTJOB_SPEC=json.dumps(spec), OPTJOB_NEURON_ENV=str(tmp_path / "no-env"))
+    code, log, _ = run_worker(env)
     assert code == exitcodes.EXIT_HOST
-    reason = as_describe(read_status(s3_bucket, "out/eagle/") or {}).failure_reason or ""
-    assert "SpeculativeDecoding (eagle3) for ml.p5.48xlarge (8 x H100, sm_90)" in reason
-    assert "needs an NVIDIA GPU on this host; found: CPU only" in reason
-    assert_nothing_published(s3_bucket, "out/eagle/")
+    reason = as_describe(read_status(s3_bucket, "out/neuron/") or {}).failure_reason or ""
+    assert "Neuron compilation for ml.inf2.48xlarge drives neuron_env, which is not installed" in reason
+    assert_nothing_published(s3_bucket, "out/neuron/")
 
 
 # --- stopping ------------------------------------------------------------------------------------

@@ -141,11 +141,19 @@ def test_neuron_compilation_needs_the_compiler_not_a_device() -> None:
     assert "drives neuron_env, which is not installed" in (refusal(plan, CPU, has_toolchain=lambda _: False) or "")
 
 
-def test_eagle_needs_any_nvidia_gpu() -> None:
+def test_eagle_trains_on_any_host_and_a_gpu_stage_is_refused_on_a_cpu_one() -> None:
+    """EAGLE-3 training uses a GPU when the host has one and the CPU otherwise (a CPU worker refuses big
+    targets once config.json is known); a stage that declares it needs a GPU is refused before any download."""
     _, plan = example_plan("eagle-p5-48xlarge.json")
-    reason = refusal(plan, CPU) or ""
+    assert not plan.stages[0].needs.accelerator
+    assert refusal(plan, CPU) is None and refusal(plan, L4) is None
+    gpu_stage = plan.stages[0].model_copy(
+        update={"needs": plan.stages[0].needs.model_copy(update={"accelerator": True})}
+    )
+    gpu_plan = plan.model_copy(update={"stages": (gpu_stage,)})
+    reason = refusal(gpu_plan, CPU) or ""
     assert "SpeculativeDecoding (eagle3) for ml.p5.48xlarge" in reason and "needs an NVIDIA GPU on this host" in reason
-    assert refusal(plan, L4) is None
+    assert refusal(gpu_plan, L4) is None
 
 
 # --- exit codes ----------------------------------------------------------------------------------

@@ -34,3 +34,27 @@ class ObjectReader:
             return [f"s3://{location.bucket}/{item['Key']}" for page in pages for item in page.get("Contents", [])]
         except Exception as exc:
             raise storage_error(exc, "list", uri) from exc
+
+    def list_objects(self, uri: str) -> list[dict[str, object]]:
+        """Every object under a prefix with its size and ETag (provenance for inputs read whole)."""
+        location = parse_s3_uri(uri)
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=location.bucket, Prefix=location.prefix
+            )
+            return [
+                {"uri": f"s3://{location.bucket}/{item['Key']}", "etag": item["ETag"].strip('"'), "size": item["Size"]}
+                for page in pages
+                for item in page.get("Contents", [])
+            ]
+        except Exception as exc:
+            raise storage_error(exc, "list", uri) from exc
+
+    def head(self, uri: str) -> dict[str, object]:
+        """Size and ETag of one object; a missing object is the storage layer's InputError."""
+        location = parse_s3_uri(uri)
+        try:
+            head = self._client.head_object(Bucket=location.bucket, Key=location.key)
+        except Exception as exc:
+            raise storage_error(exc, "read", uri) from exc
+        return {"uri": uri, "etag": str(head["ETag"]).strip('"'), "size": int(head["ContentLength"])}
