@@ -9,7 +9,9 @@
 6. shards the same model for vLLM at tensor parallel degree 2 (configs/examples/shard-tp2-g6-12xlarge.json)
    and prints the per-rank files and the sharding gate's figures;
 7. compiles it for TensorRT-LLM and vLLM on an L4 target (configs/examples/compile-fp8-g6-12xlarge.json:
-   Model Optimizer FP8 with an FP8 KV cache) and prints the runtime options, then stops the server.
+   Model Optimizer FP8 with an FP8 KV cache) and prints the runtime options;
+8. trains an EAGLE-3 speculative-decoding head for it on the built-in prompts
+   (configs/examples/eagle-g6-12xlarge.json) and prints the measured acceptance, then stops the server.
 
 Everything goes through the same commands a user runs; the AWS settings are the standard variables.
 """
@@ -33,6 +35,7 @@ from optjob.testing.tiny_model import build_tiny_llama  # noqa: E402
 EXAMPLE = ROOT / "configs" / "examples" / "fp8-g6-12xlarge.json"
 SHARD_EXAMPLE = ROOT / "configs" / "examples" / "shard-tp2-g6-12xlarge.json"
 COMPILE_EXAMPLE = ROOT / "configs" / "examples" / "compile-fp8-g6-12xlarge.json"
+EAGLE_EXAMPLE = ROOT / "configs" / "examples" / "eagle-g6-12xlarge.json"
 WORK = ROOT / ".optjob-quickstart"
 
 
@@ -142,7 +145,24 @@ def main() -> int:
             options = client.get_object(Bucket="optjob-output", Key=prefix + "llm_api_options.yaml")["Body"].read()
             print("\n" + options.decode().strip())
             print("serve with: trtllm-serve DIR --extra_llm_api_options DIR/llm_api_options.yaml  (or vllm serve DIR)")
-    return run.returncode or sharded.returncode or compiled.returncode
+
+        banner(f"training an EAGLE-3 speculative-decoding head for it: {EAGLE_EXAMPLE.relative_to(ROOT)}")
+        eagle, prefix = run_example(EAGLE_EXAMPLE, "quickstart-eagle", client, env)
+        if eagle.returncode == 0:
+            manifest = json.loads(
+                client.get_object(Bucket="optjob-output", Key=prefix + "optjob-manifest.json")["Body"].read()
+            )
+            figures = manifest["metrics"]["1:SpeculativeDecoding"]
+            got, floor = figures["acceptance"], figures["floor"]
+            print(
+                f"\nmean accepted length {got['mean_accepted_length']} at k={got['k']} (untrained head: "
+                f"{floor['mean_accepted_length']}), acceptance rate {got['acceptance_rate']}, "
+                f"lossless {got['lossless']}; "
+                f"phases: {json.dumps(figures['phases'])}"
+            )
+            print("serve with: vllm serve DIR --speculative-config "
+                  f"'{json.dumps(figures['speculative_config']).replace('/opt/ml/model', 'DIR')}'")  # fmt: skip
+    return run.returncode or sharded.returncode or compiled.returncode or eagle.returncode
 
 
 if __name__ == "__main__":

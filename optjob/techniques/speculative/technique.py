@@ -11,11 +11,12 @@ package it beside the target (``package``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from optjob.config_files import load_config
 from optjob.errors import InfrastructureError, InputError, VerificationFailed, reason_sentence
 from optjob.pipeline.env import env_to_properties
 from optjob.pipeline.stage import PlanError, PlannedStage, StageContext, StageNeeds, StageResult, Technique, register
-from optjob.runtime.usage import peak_rss_mib
+from optjob.runtime.usage import PeakRss, peak_rss_mib
 from optjob.targets.catalog import InstanceSpec
 from optjob.techniques.speculative import draft_model as byo
 from optjob.techniques.speculative import package
@@ -39,6 +40,20 @@ from optjob.techniques.speculative.target import Target, eos_ids, load_target
 from optjob.techniques.speculative.train import Sample, choose_draft_vocab, init_head, train_head
 
 STAGE = "SpeculativeDecoding"
+
+
+class Phases:
+    """Seconds and peak RSS of each phase of the stage, for the manifest (where did the time go)."""
+
+    def __init__(self) -> None:
+        self.figures: dict[str, dict[str, float]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        started = time.monotonic()
+        with PeakRss() as rss:
+            yield
+        self.figures[name] = {"seconds": round(time.monotonic() - started, 1), "peak_rss_mib": round(rss.peak_mib)}
 
 
 def gate_rules() -> dict[str, float]:
@@ -170,15 +185,17 @@ def _eval_count(params: SpeculativeParams, available: int) -> int:
     return max(1, min(params.eval_prompts, available // 4))
 
 
-def _prepare(
-    params: SpeculativeParams, ctx: StageContext, target: Target, tokenizer: Any
+def prepare_training_data(
+    params: SpeculativeParams, ctx: StageContext, target: Target, tokenizer: Any, phases: Phases | None = None
 ) -> tuple[list[Sample], list[list[int]], dict[str, Any]]:
     """Training samples and held-out prompts (ids), with the counts the manifest records."""
     rules = speculative_rules().trainer
+    phases = phases or Phases()
     ctx.events(STAGE, "data", 0.0, f"reading {params.training_data or 'the built-in prompts'}")
-    data = read_training_data(
-        params.training_data, params.training_data_type, max_samples=params.max_samples, settings=ctx.storage
-    )
+    with phases("read_data"):
+        data = read_training_data(
+            params.training_data, params.training_data_type, max_samples=params.max_samples, settings=ctx.storage
+        )
     counts: Counter[str] = Counter()
     rendered = []
     for conversation in data.conversations:
@@ -198,20 +215,9 @@ def _prepare(
     evaluation, training = rendered[:held], rendered[held:]
     eos = eos_ids(ctx.input_dir, tokenizer)
     todo = [i for i, r in enumerate(training) if params.regenerate or r.reply is None]
-    replies: dict[int, list[int]] = {}
-    for start in range(0, len(todo), 16):
-        ctx.cancel.raise_if_cancelled()
-        chunk = todo[start : start + 16]
-        prompts = [training[i].prompt for i in chunk]
-        limits = [min(rules.regenerate_max_new_tokens, params.max_seq_len - len(p)) for p in prompts]
-        for i, reply in zip(
-            chunk, target.generate(prompts, max_new_tokens=limits, pad_id=_pad_id(tokenizer), eos_ids=eos), strict=True
-        ):
-            replies[i] = reply
-        ctx.events(
-            STAGE, "regenerate", min(1.0, (start + len(chunk)) / len(todo)),
-            f"regenerating replies with the target: {start + len(chunk)}/{len(todo)}",
-        )  # fmt: skip
+    with phases("regenerate"):
+        replies = _regenerate(ctx, target, [training[i].prompt for i in todo], params, tokenizer, eos)
+    replies = dict(zip(todo, replies, strict=True))
     samples = []
     for i, one in enumerate(training):
         reply = replies.get(i, one.reply) or []
@@ -233,6 +239,29 @@ def _prepare(
         **counts,
     }
     return samples, [r.prompt for r in evaluation], figures
+
+
+def _regenerate(
+    ctx: StageContext,
+    target: Target,
+    prompts: list[list[int]],
+    params: SpeculativeParams,
+    tokenizer: Any,
+    eos: set[int],
+) -> list[list[int]]:
+    """The target's own greedy replies (token ids as generated), in batches, with progress."""
+    limit = speculative_rules().trainer.regenerate_max_new_tokens
+    replies: list[list[int]] = []
+    for start in range(0, len(prompts), 16):
+        ctx.cancel.raise_if_cancelled()
+        chunk = prompts[start : start + 16]
+        limits = [min(limit, params.max_seq_len - len(p)) for p in chunk]
+        replies += target.generate(chunk, max_new_tokens=limits, pad_id=_pad_id(tokenizer), eos_ids=eos)
+        ctx.events(
+            STAGE, "regenerate", len(replies) / len(prompts),
+            f"regenerating replies with the target: {len(replies)}/{len(prompts)}",
+        )  # fmt: skip
+    return replies
 
 
 def _measure_pair(
@@ -260,7 +289,8 @@ def _train_eagle3(
     params: SpeculativeParams, stage: PlannedStage, ctx: StageContext, target: Target, tokenizer: Any
 ) -> dict[str, Any]:
     rules = speculative_rules()
-    samples, prompts, metrics = _prepare(params, ctx, target, tokenizer)
+    phases = Phases()
+    samples, prompts, metrics = prepare_training_data(params, ctx, target, tokenizer, phases)
     vocab = choose_draft_vocab(samples, target.vocab_size, rules.trainer)
     head = init_head(target, vocab, target.aux_ids, rules.trainer.seed)
     floor = init_head(target, vocab, target.aux_ids, rules.trainer.seed).to(target.device).eval()
@@ -270,10 +300,11 @@ def _train_eagle3(
         0.0,
         f"training an EAGLE-3 head: {len(samples)} conversations, draft vocabulary {len(vocab.ids)}",
     )
-    report = train_head(
-        head, target, samples, vocab, epochs=params.epochs, rules=rules.trainer, pad_id=_pad_id(tokenizer),
-        events=ctx.events, cancel=ctx.cancel,
-    )  # fmt: skip
+    with phases("train"):
+        report = train_head(
+            head, target, samples, vocab, epochs=params.epochs, rules=rules.trainer, pad_id=_pad_id(tokenizer),
+            events=ctx.events, cancel=ctx.cancel,
+        )  # fmt: skip
     dtype_name = str(getattr(target.config, "dtype", None) or "bfloat16").replace("torch.", "")
     dtype = getattr(torch, dtype_name, torch.bfloat16)
     speculator = ctx.output_dir / package.SPECULATOR_DIR
@@ -285,9 +316,10 @@ def _train_eagle3(
     save_head(head.cpu(), speculator, config, dtype)
     published, _ = load_head(speculator)  # measure what was written, not what is in memory
     eos = eos_ids(ctx.input_dir, tokenizer)
-    figures, floor_figures, greedy_seconds = _measure_pair(
-        target, published.to(target.device), floor, prompts, params, ctx, eos, "EAGLE-3 head"
-    )
+    with phases("evaluate"):
+        figures, floor_figures, greedy_seconds = _measure_pair(
+            target, published.to(target.device), floor, prompts, params, ctx, eos, "EAGLE-3 head"
+        )
     gate = judge(figures, floor_figures, "trained EAGLE-3 head")
     evaluation = {
         "k": params.num_speculative_tokens,
@@ -307,6 +339,7 @@ def _train_eagle3(
     )  # fmt: skip
     metrics.update(
         draft=package.SPECULATOR_DIR,
+        phases=phases.figures,
         aux_hidden_state_layer_ids=list(head.cfg.aux_layer_ids),
         draft_vocab_size=len(vocab.ids),
         draft_vocab_coverage=round(vocab.coverage, 4),
