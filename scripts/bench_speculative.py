@@ -14,12 +14,13 @@ Every figure is lossless-checked against plain greedy decoding. Goal: mean accep
 k = 3 on the reference model.
 
     .venv/bin/python scripts/bench_speculative.py            # ~10-15 min on 2 cores
-    .venv/bin/python scripts/bench_speculative.py --quick    # the tiny test model, small settings
+    .venv/bin/python scripts/bench_speculative.py --quick    # the toy reference model, small settings (smoke)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 import tempfile
@@ -73,7 +74,8 @@ def train_draft_lm(target: Any, samples: list[Any], *, epochs: int, seed: int) -
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the tiny test model with small settings (smoke)")
+    parser.add_argument("--quick", action="store_true", help="the toy reference model, small settings (smoke)")
+    parser.add_argument("--json", type=Path, help="also write the result record here")
     opts = parser.parse_args()
     bench_common.exit_on_sigterm()
 
@@ -93,15 +95,14 @@ def main() -> int:
     env: dict[str, str] = {}
     work = Path(tempfile.mkdtemp(prefix="bench-speculative-"))
     try:
-        if opts.quick:
-            from optjob.testing import build_tiny_llama
+        from make_reference_model import QUICK, build_reference_model
 
-            model_dir = build_tiny_llama(work / "model")
+        if opts.quick:  # the toy reference model (seconds to build) and small settings: a smoke run
+            # EAGLE-3 fuses three layers' states, so the toy gets four decoder layers instead of two
+            model_dir = build_reference_model(dataclasses.replace(QUICK, layers=4), log_every=0).model_dir
             env = {"OPTION_EAGLE_MAX_SAMPLES": "64", "OPTION_EAGLE_EPOCHS": "2", "OPTION_EAGLE_MAX_SEQ_LEN": "128",
                    "OPTION_EAGLE_EVAL_PROMPTS": "6"}  # fmt: skip
         else:
-            from make_reference_model import build_reference_model
-
             model_dir = build_reference_model().model_dir
         record = bench_common.banner("speculative decoding (EAGLE-3)", {"model": str(model_dir), "env": env})
         tech = technique_for("ModelSpeculativeDecodingConfig")
@@ -163,7 +164,7 @@ def main() -> int:
               f"{figures['untrained head (floor) k=3']['mean_accepted_length']}")  # fmt: skip
         record.update(stage_seconds=stage_seconds, phases=phases, stage_metrics=metrics, figures=figures,
                       device=str(torch.device("cuda" if torch.cuda.is_available() else "cpu")))  # fmt: skip
-        bench_common.save_result("speculative-quick" if opts.quick else "speculative", record)
+        bench_common.save_result("speculative-quick" if opts.quick else "speculative", record, opts.json)
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

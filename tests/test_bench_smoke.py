@@ -127,3 +127,19 @@ def test_pipeline_benchmark_quick_end_to_end(cache_dir: Path, tmp_path: Path) ->
     for run in ("a", "a2", "b"):
         assert results[run]["rc"] == 0 and results[run]["wall_s"] > 0
     assert set(results["throughput_s"]) >= {"download aws s3 cp", "upload aws s3 cp"}
+
+
+@pytest.mark.slow
+def test_speculative_benchmark_quick_end_to_end(cache_dir: Path, tmp_path: Path) -> None:
+    """The EAGLE-3 benchmark on the toy reference model: stage phases, head vs floor vs draft LM at k=3 and 5."""
+    out = tmp_path / "speculative.json"
+    cmd = [sys.executable, str(SCRIPTS / "bench_speculative.py"), "--quick", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert set(record["phases"]) == {"read_data", "regenerate", "train", "evaluate"}
+    figures = record["figures"]
+    assert len(figures) == 6 and all(f["lossless"] == f"{f['prompts']}/{f['prompts']}" for f in figures.values())
+    head, floor = figures["EAGLE-3 head (optjob) k=3"], figures["untrained head (floor) k=3"]
+    assert head["mean_accepted_length"] > floor["mean_accepted_length"]
+    assert "mean accepted length at k=3" in proc.stdout

@@ -421,3 +421,27 @@ def test_the_example_runs_end_to_end_with_optjob_run(s3_bucket: S3Bucket, target
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
     figures = _manifest(s3_bucket, "example/")["metrics"]["1:SpeculativeDecoding"]
     assert figures["training_data"]["source"].startswith("built-in prompts") and figures["gate"]["passed"]
+
+
+def test_a_head_is_trained_for_the_quantized_target_the_job_publishes(
+    s3_bucket: S3Bucket, target_model: Path, tmp_path: Path
+) -> None:
+    """[Quantization, SpeculativeDecoding]: the head learns the FP8 model that is served, which is published
+    exactly as the quantization stage wrote it, with both stages' serving options."""
+    s3_bucket.upload_dir(target_model, "model")
+    wire = json.loads(EXAMPLE.read_text())
+    wire.update(OptimizationJobName="fp8-eagle", ModelSource={"S3": {"S3Uri": s3_bucket.uri("model/")}},
+                OptimizationEnvironment=FAST)  # fmt: skip
+    wire["OutputConfig"]["S3OutputLocation"] = s3_bucket.uri("fp8-eagle/")
+    quantize = {"OverrideEnvironment": {"OPTION_QUANTIZE": "fp8", "OPTION_FP8_SCHEME": "FP8_DYNAMIC"}}
+    wire["OptimizationConfigs"].insert(0, {"ModelQuantizationConfig": quantize})
+    plan = build_plan(parse(CreateOptimizationJobRequest, wire), region="us-east-1")
+    assert plan.optimization_types == ["Quantization", "SpeculativeDecoding"]
+    _run(plan, tmp_path)
+    config = json.loads(s3_bucket.client.get_object(Bucket=s3_bucket.name, Key="fp8-eagle/config.json")["Body"].read())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    figures = _manifest(s3_bucket, "fp8-eagle/")["metrics"]
+    assert figures["1:Quantization"]["verification"]["passed"]
+    assert figures["2:SpeculativeDecoding"]["gate"]["passed"]
+    properties = s3_bucket.client.get_object(Bucket=s3_bucket.name, Key="fp8-eagle/serving.properties")["Body"].read()
+    assert b"option.quantize=compressed-tensors" in properties and b"option.speculative_config=" in properties
