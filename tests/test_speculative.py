@@ -200,6 +200,17 @@ def test_plan_records_the_knobs_and_trains_on_any_host() -> None:
     assert byo.stages[0].engine == "draft_model"
 
 
+def test_validate_with_a_model_config_names_the_layers_the_head_reads() -> None:
+    from optjob.pipeline.stage import technique_for
+
+    plan = _plan("s3://bkt/m/", "s3://bkt/o/", {})
+    lines = technique_for("ModelSpeculativeDecodingConfig").model_plan_lines(
+        plan.stages[0], {"num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32}, plan.target
+    )
+    assert lines == ["EAGLE-3 head: one Llama decoder layer (hidden 4096, 32 heads) over target layers [2, 16, 29] "
+                     "of 32; k=3; published under speculator/"]  # fmt: skip
+
+
 def test_auxiliary_layers_are_distinct_on_shallow_models() -> None:
     assert aux_layer_ids(4) == [1, 2, 3]
     assert aux_layer_ids(6) == [1, 3, 5]
@@ -263,7 +274,9 @@ def test_eagle3_job_trains_on_every_format_and_an_independent_drafter_reproduces
         {"S3Uri": s3_bucket.uri("chats/"), "S3DataType": "S3Prefix"},
     )
     events: list[Event] = []
-    _run(plan, tmp_path, events)
+    outcome = _run(plan, tmp_path, events)
+    assert "TrainingDataSource: 1 line(s) skipped (1 not JSON)" in outcome.warnings
+    assert any("truncated to OPTION_EAGLE_MAX_SEQ_LEN=128 tokens" in w for w in outcome.warnings)
 
     steps = {e.step for e in events if e.stage == "SpeculativeDecoding"}
     assert {"data", "regenerate", "train", "evaluate"} <= steps
@@ -398,6 +411,7 @@ def test_bring_your_own_draft_model_is_checked_measured_and_packaged(
     assert {"byo/draft_model/config.json", "byo/draft_model/model.safetensors", "byo/model.safetensors"} <= keys
     figures = _manifest(s3_bucket, "byo/")["metrics"]["1:SpeculativeDecoding"]
     assert figures["draft_model"]["uri"] == s3_bucket.uri("draft/") and figures["draft_model"]["etags"]
+    assert set(figures["phases"]) == {"fetch_draft", "evaluate"} and figures["evaluation_data"]["conversations"] > 0
     assert figures["acceptance"]["lossless"] == "6/6" and figures["gate"]["passed"]
     assert figures["acceptance"]["acceptance_rate"] == 1.0 and figures["floor"]["mean_accepted_length"] < 1.2
     properties = (

@@ -36,7 +36,7 @@ from optjob.techniques.speculative.eagle3 import config_dict, load_head, save_he
 from optjob.techniques.speculative.evaluate import DraftModelProposer, Figures, measure, reference_outputs
 from optjob.techniques.speculative.params import SpeculativeParams, resolve_params, speculative_rules
 from optjob.techniques.speculative.render import has_chat_template, render
-from optjob.techniques.speculative.target import Target, eos_ids, load_target
+from optjob.techniques.speculative.target import Target, aux_layer_ids, eos_ids, load_target
 from optjob.techniques.speculative.train import Sample, choose_draft_vocab, init_head, train_head
 
 STAGE = "SpeculativeDecoding"
@@ -143,7 +143,42 @@ class SpeculativeDecodingTechnique(Technique):
         else:
             metrics = _train_eagle3(params, stage, ctx, target, tokenizer)
         metrics.update(seconds=round(time.monotonic() - started, 1), peak_rss_mib=round(peak_rss_mib()))
-        return StageResult(metrics=metrics, serving_properties={})
+        return StageResult(metrics=metrics, warnings=data_warnings(metrics, params), serving_properties={})
+
+    def model_plan_lines(self, stage: PlannedStage, config: Mapping[str, Any], target: InstanceSpec) -> list[str]:
+        if stage.engine != "eagle3" or not config.get("num_hidden_layers"):
+            return []
+        layers = int(config["num_hidden_layers"])
+        if layers < 3:
+            return []
+        return [
+            f"EAGLE-3 head: one Llama decoder layer (hidden {config.get('hidden_size')}, "
+            f"{config.get('num_attention_heads')} heads) over target layers {aux_layer_ids(layers)} of {layers}; "
+            f"k={stage.params.get('num_speculative_tokens')}; published under {package.SPECULATOR_DIR}/"
+        ]
+
+
+def data_warnings(metrics: Mapping[str, Any], params: SpeculativeParams) -> list[str]:
+    """What a person should know about the data the head was trained and measured on (Describe shows it)."""
+    warnings = []
+    skipped = (metrics.get("training_data") or {}).get("skipped_lines") or {}
+    if skipped:
+        reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items()))
+        warnings.append(f"TrainingDataSource: {sum(skipped.values())} line(s) skipped ({reasons})")
+    for key, what in (
+        ("truncated_to_max_seq_len", f"truncated to OPTION_EAGLE_MAX_SEQ_LEN={params.max_seq_len} tokens"),
+        ("prompt_longer_than_max_seq_len", f"skipped: the prompt alone exceeds {params.max_seq_len} tokens"),
+        ("empty_reply", "skipped: the target ended the reply at once"),
+    ):
+        if metrics.get(key):
+            warnings.append(f"{metrics[key]} conversation(s) {what}")
+    held = metrics.get("held_out_prompts")
+    if held is not None and held < params.eval_prompts:
+        warnings.append(
+            f"acceptance measured on {held} held-out prompts, fewer than OPTION_EAGLE_EVAL_PROMPTS="
+            f"{params.eval_prompts}: the data has too few conversations (at most a quarter are held out for training)"
+        )
+    return warnings
 
 
 def _check_cpu_size(model_dir: Path) -> None:
@@ -358,9 +393,11 @@ def _bring_your_own(
 ) -> dict[str, Any]:
     uri = str(params.draft_model)
     rules = speculative_rules()
-    fetched = byo.fetch_draft(
-        uri, ctx.work_dir / "draft-model", settings=ctx.storage, events=ctx.events, cancel=ctx.cancel
-    )
+    phases = Phases()
+    with phases("fetch_draft"):
+        fetched = byo.fetch_draft(
+            uri, ctx.work_dir / "draft-model", settings=ctx.storage, events=ctx.events, cancel=ctx.cancel
+        )
     byo.check_compatible(uri, tokenizer, fetched.path, target.vocab_size)
     draft = byo.load_draft(fetched.path, target.device)
     floor = byo.load_draft(fetched.path, target.device, random_init=True)
@@ -371,9 +408,10 @@ def _bring_your_own(
     random.Random(rules.trainer.seed).shuffle(rendered)
     prompts = [r.prompt for r in rendered[: params.eval_prompts]]
     eos = eos_ids(ctx.input_dir, tokenizer)
-    figures, floor_figures, greedy_seconds = _measure_pair(
-        target, DraftModelProposer(draft), DraftModelProposer(floor), prompts, params, ctx, eos, "draft model"
-    )
+    with phases("evaluate"):
+        figures, floor_figures, greedy_seconds = _measure_pair(
+            target, DraftModelProposer(draft), DraftModelProposer(floor), prompts, params, ctx, eos, "draft model"
+        )
     gate = judge(figures, floor_figures, f"draft model {uri}")
     package.copy_model(fetched.path, ctx.output_dir / package.DRAFT_MODEL_DIR)
     served = f"{rules.serving_root}/{package.DRAFT_MODEL_DIR}"
@@ -387,6 +425,8 @@ def _bring_your_own(
         "draft": package.DRAFT_MODEL_DIR,
         "draft_model": {"uri": uri, "etags": fetched.etags, "bytes": fetched.total_bytes},
         "held_out_prompts": len(prompts),
+        "evaluation_data": data.provenance(),
+        "phases": phases.figures,
         "acceptance": figures.as_dict(),
         "floor": floor_figures.as_dict(),
         "greedy_reference_seconds": round(greedy_seconds, 1),
