@@ -7,6 +7,7 @@ fails the job with nothing left behind, and another job's published model is nev
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -70,9 +71,11 @@ def test_only_shard_by_shard_plans_stream(s3_bucket: S3Bucket) -> None:
     assert streaming_technique(_plan("c", s3_bucket.uri("m.tar.gz"), s3_bucket.uri("o/"))) is None
 
 
+@pytest.mark.parametrize("granularity", ["tensor", "file"])
 def test_streaming_job_overlaps_and_publishes_a_loadable_model(
-    s3_bucket: S3Bucket, sharded_model: Path, tmp_path: Path
+    s3_bucket: S3Bucket, sharded_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, granularity: str
 ) -> None:
+    monkeypatch.setenv("OPTJOB_STREAM_GRANULARITY", granularity)
     s3_bucket.upload_dir(sharded_model, "model")
     events: list[Event] = []
     outcome = _run(_plan("stream-1", s3_bucket.uri("model/"), s3_bucket.uri("out/")), tmp_path, events)
@@ -93,6 +96,15 @@ def test_streaming_job_overlaps_and_publishes_a_loadable_model(
     verification = manifest["metrics"]["1:Quantization"]["verification"]
     assert verification["passed"] and verification["per_tensor"]["quantized_tensors"] == 4 * 7
     assert set(outcome.published) == {f["path"] for f in manifest["files"]}
+    stage_metrics = manifest["metrics"]["1:Quantization"]
+    if granularity == "tensor":  # where the time went, per phase, for the user to read
+        phases = stage_metrics["streaming"]["phases_s"]
+        assert set(phases) >= {"wait_download", "quantize", "verify", "hash", "wait_upload"}
+        assert phases["quantize"] > 0 and phases["verify"] > 0 and phases["hash"] > 0
+        assert stage_metrics["engine_details"]["granularity"] == "tensor"
+    for entry in manifest["files"]:  # the sha256 computed on the way is the content's
+        body = s3_bucket.client.get_object(Bucket=s3_bucket.name, Key=f"out/{entry['path']}")["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == entry["sha256"] and len(body) == entry["size"]
 
     local = tmp_path / "published"
     for key in keys:
@@ -148,7 +160,15 @@ def test_a_failed_gate_rolls_back_shards_already_uploaded(
         uploaded.append(rel)
         return result
 
+    real_streamed = Publisher.record_streamed
+
+    def counting_streamed(self: Publisher, rel: str, written: object, local: Path | None = None) -> object:
+        result = real_streamed(self, rel, written, local)  # type: ignore[arg-type]
+        uploaded.append(rel)
+        return result
+
     monkeypatch.setattr(Publisher, "upload", counting_upload)
+    monkeypatch.setattr(Publisher, "record_streamed", counting_streamed)
     s3_bucket.upload_dir(sharded_model, "model")
     with pytest.raises(VerificationFailed, match="per-tensor relative error"):
         _run(_plan("gate-fails", s3_bucket.uri("model/"), s3_bucket.uri("out/")), tmp_path)

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import NULL_SINK, EventSink
+from optjob.runtime.phases import PhaseClock
 from optjob.targets.catalog import InstanceSpec
 
 
@@ -74,6 +75,7 @@ class StageContext:
     events: EventSink = NULL_SINK
     cancel: CancelToken = field(default_factory=CancelToken)
     storage: Any = None  # optjob.storage client for stage inputs such as calibration data
+    clock: PhaseClock | None = None  # where a streaming stage's time goes (the runner reads it)
 
 
 @dataclass
@@ -140,6 +142,32 @@ class StreamingTechnique(Technique):
         on_output: Callable[[Path], None],
     ) -> StageResult:
         """Like ``run``, consuming ``weights`` lazily and reporting final output files."""
+
+
+class TensorStreamingTechnique(StreamingTechnique):
+    """A streaming technique that maps tensors to tensors, so it need not wait for whole files.
+
+    The runner prefers ``run_tensor_streaming`` when the stage offers it: ``shards`` yields each
+    source weight file as a stream (``rel``, ``header`` known at once, ``tensors()`` in data order,
+    a bounded read-ahead behind it) and ``open_output(rel, header)`` opens the output file whose
+    header the stage computed up front; its ``writer`` takes the tensors in that order, ``close``
+    makes the file final (uploaded, hashed), ``abort`` abandons it. ``ctx.input_dir`` holds the
+    non-weight files; both sides' weight files are also spooled to local disk (``ctx.input_dir``,
+    ``ctx.output_dir``) for the checks that run after the stream.
+    """
+
+    def import_libraries(self) -> None:
+        """Import what ``run_tensor_streaming`` needs (the runner then checks the memory left)."""
+
+    @abstractmethod
+    def run_tensor_streaming(
+        self,
+        stage: PlannedStage,
+        ctx: StageContext,
+        shards: Iterable[Any],
+        open_output: Callable[[str, Any], Any],
+    ) -> StageResult:
+        """Like ``run_streaming``, a tensor at a time."""
 
 
 _REGISTRY: dict[str, type[Technique]] = {}

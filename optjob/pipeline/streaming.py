@@ -21,7 +21,7 @@ from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import EventSink
 from optjob.pipeline.outcome import RunOutcome
 from optjob.pipeline.plan import Plan
-from optjob.pipeline.stage import StageContext, StreamingTechnique, technique_for
+from optjob.pipeline.stage import StageContext, StreamingTechnique, TensorStreamingTechnique, technique_for
 from optjob.pipeline.transfer import ALLOW_PICKLE_ENV, SourceModel, build_manifest
 from optjob.storage.eula import model_card_gating
 from optjob.storage.inputs import (
@@ -36,6 +36,7 @@ from optjob.storage.s3 import MiB, S3Settings
 from optjob.storage.stream import StreamingFetch, can_stream
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+GRANULARITY_ENV = "OPTJOB_STREAM_GRANULARITY"  # "file": the shard-at-a-time path (a fallback and a baseline)
 
 
 def streaming_technique(plan: Plan) -> StreamingTechnique | None:
@@ -48,7 +49,7 @@ def streaming_technique(plan: Plan) -> StreamingTechnique | None:
     return technique if isinstance(technique, StreamingTechnique) else None
 
 
-def _weight_order(fetch: StreamingFetch) -> list[str]:
+def weight_order(fetch: StreamingFetch) -> list[str]:
     weights = sorted(rel for rel in fetch.remotes if rel.endswith(".safetensors"))
     if not weights:
         raise InputError(f"{fetch.uri} holds no *.safetensors weights; a model directory needs them")
@@ -59,6 +60,25 @@ def _weight_order(fetch: StreamingFetch) -> list[str]:
             f"(the safetensors weights are used), or set {ALLOW_PICKLE_ENV}=1 to accept them"
         )
     return weights
+
+
+def open_source(
+    plan: Plan, fetch: StreamingFetch, source_dir: Path, small: list[str], weights: list[str], publisher: Publisher
+) -> dict[str, str]:
+    """Wait for the non-weight files, refuse what is not a model or not licensed, claim the output
+    prefix, and return the index's weight map (empty without an index)."""
+    for rel in small:
+        fetch.wait(rel)
+    if "config.json" not in small:
+        raise InputError(f"{plan.source.s3_uri} has no config.json; it is not a Hugging Face model directory")
+    if not plan.source.accept_eula and (reason := model_card_gating(source_dir)):
+        raise InputError(reason)
+    publisher.open()  # refuse a prefix owned by another job before any work
+    weight_map = index_weight_map(source_dir) if SAFETENSORS_INDEX in small else {}
+    missing = sorted(set(weight_map.values()) - set(weights))
+    if missing:
+        raise InputError(f"{SAFETENSORS_INDEX} names shard {missing[0]}, which is missing from {fetch.uri}")
+    return weight_map
 
 
 def run_streaming(
@@ -72,12 +92,18 @@ def run_streaming(
     storage: S3Settings | None,
 ) -> RunOutcome:
     """Fetch, run and publish, overlapped; raises JobFailed subclasses or JobCancelled."""
+    if isinstance(technique, TensorStreamingTechnique) and os.environ.get(GRANULARITY_ENV, "tensor") != "file":
+        from optjob.pipeline.tensor_streaming import run_tensor_streaming
+
+        return run_tensor_streaming(
+            plan, technique, job_arn=job_arn, work_dir=work_dir, events=events, cancel=cancel, storage=storage
+        )
     stage = plan.stages[0]
     source_dir, out_dir = work_dir / "source", work_dir / f"stage-1-{stage.optimization_type.lower()}"
     out_dir.mkdir(parents=True, exist_ok=True)
     events("download", "list", 0.0, f"listing {plan.source.s3_uri}")
     fetch = StreamingFetch(plan.source.s3_uri, source_dir, settings=storage, cancel=cancel)
-    weights = _weight_order(fetch)
+    weights = weight_order(fetch)
     small = sorted(set(fetch.remotes) - set(weights))
     fetch.start(order=small + weights)
     publisher = Publisher(
@@ -87,18 +113,7 @@ def run_streaming(
     uploads: list[Future] = []
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optjob-upload")
     try:
-        for rel in small:
-            fetch.wait(rel)
-        if "config.json" not in small:
-            raise InputError(f"{plan.source.s3_uri} has no config.json; it is not a Hugging Face model directory")
-        if not plan.source.accept_eula and (reason := model_card_gating(source_dir)):
-            raise InputError(reason)
-        publisher.open()  # refuse a prefix owned by another job before any work
-
-        weight_map = index_weight_map(source_dir) if SAFETENSORS_INDEX in small else {}
-        missing = sorted(set(weight_map.values()) - set(weights))
-        if missing:
-            raise InputError(f"{SAFETENSORS_INDEX} names shard {missing[0]}, which is missing from {fetch.uri}")
+        weight_map = open_source(plan, fetch, source_dir, small, weights, publisher)
 
         def arriving() -> Iterator[Path]:
             total = fetch.total_bytes or 1

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict
 from optjob.errors import InputError
 from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import NULL_SINK, EventSink
+from optjob.runtime.phases import PhaseClock
 from optjob.storage.hashing import sha256_file, sha256_files
 from optjob.storage.layout import (
     MANIFEST_FORMAT_VERSION,
@@ -34,6 +35,7 @@ from optjob.storage.layout import (
     SHA256_METADATA,
 )
 from optjob.storage.s3 import MiB, S3Client, S3Settings, make_client, storage_error
+from optjob.storage.tensorstream.multipart import MultipartObjectWriter, UploadWindow, WrittenObject
 from optjob.storage.transfer import TransferTask, run_transfers
 from optjob.storage.uri import S3Location, parse_s3_uri
 
@@ -288,6 +290,7 @@ class Publisher:
         self._started = time.time()
         self._upload_seconds = 0.0
         self._opened = False
+        self._streamed: set[str] = set()
 
     @property
     def manifest_key(self) -> str:
@@ -329,6 +332,37 @@ class Publisher:
             self._upload_seconds += time.monotonic() - started
         return entry
 
+    def stream_object(
+        self,
+        rel: str,
+        *,
+        expected_bytes: int,
+        window: UploadWindow | None = None,
+        clock: PhaseClock | None = None,
+        spool: Path | None = None,
+    ) -> MultipartObjectWriter:
+        """A writer that uploads ``rel`` as it is produced (multipart); ``record_streamed`` it once closed.
+
+        S3 metadata is fixed when an upload starts, before the content's sha256 is known, so a
+        streamed file's sha256 is recorded in the manifest only (not as ``x-amz-meta-sha256``)."""
+        if rel in RESERVED_NAMES:
+            raise ValueError(f"{rel} is a name publish writes itself")
+        with self._lock:  # registered first, so a rollback also removes it
+            self._uploaded[rel] = (ManifestFile(path=rel, size=0, sha256="0" * 64), -1)
+        return MultipartObjectWriter(
+            self.client, self.location.bucket, self.location.child(rel).key, expected_bytes=expected_bytes,
+            window=window, extra_args=sse_args(self.kms_key_id), cancel=self.cancel, clock=clock, spool=spool,
+        )  # fmt: skip
+
+    def record_streamed(self, rel: str, written: WrittenObject, local: Path | None = None) -> ManifestFile:
+        """Mark a streamed file final; ``commit`` lists it and, when ``local`` is unchanged, skips it."""
+        entry = ManifestFile(path=rel, size=written.size, sha256=written.sha256)
+        mtime = local.stat().st_mtime_ns if local is not None and local.is_file() else -1
+        with self._lock:
+            self._uploaded[rel] = (entry, mtime)
+            self._streamed.add(rel)
+        return entry
+
     def commit(self, local_dir: Path | str, manifest: dict[str, Any]) -> PublishResult:
         """Upload every file of ``local_dir`` not uploaded yet (or changed since), then the manifest."""
         json.dumps(manifest)  # fail before uploading gigabytes if the caller's fields cannot be written
@@ -353,8 +387,8 @@ class Publisher:
         run_transfers(self.client, self.settings, tasks, direction="upload", events=self.events,
                       cancel=self.cancel, stage=STAGE)  # fmt: skip
         self.cancel.raise_if_cancelled()
-        local = {rel for rel, _ in files}
         with self._lock:
+            local = {rel for rel, _ in files} | self._streamed
             listed = sorted((entry for rel, (entry, _) in self._uploaded.items() if rel in local),
                             key=lambda item: item.path)  # fmt: skip
         new_keys = {self.location.child(item.path).key for item in listed}

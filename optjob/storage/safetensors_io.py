@@ -48,6 +48,14 @@ TORCH_TO_ST = {v: k for k, v in _ST_TO_TORCH.items()}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # the safetensors names of the floating-point dtypes
 
 
+def torch_dtype(st_dtype: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name (those a language-model checkpoint uses)."""
+    try:
+        return _ST_TO_TORCH[st_dtype]
+    except KeyError:
+        raise ValueError(f"safetensors dtype {st_dtype} has no torch equivalent here") from None
+
+
 class ShardReader:
     """One safetensors file: its tensor table, and each tensor on demand."""
 

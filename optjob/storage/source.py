@@ -73,7 +73,7 @@ class FetchedModel(BaseModel):
 
 
 @dataclass(frozen=True)
-class _Remote:
+class RemoteFile:
     key: str
     rel: str
     size: int
@@ -118,7 +118,9 @@ def _source_manifest(client: S3Client, location: S3Location) -> dict[str, tuple[
         raise storage_error(exc, "read", f"s3://{location.bucket}/{key}") from exc
 
 
-def _list_prefix(client: S3Client, location: S3Location, settings: S3Settings, cancel: CancelToken) -> list[_Remote]:
+def list_remote_files(
+    client: S3Client, location: S3Location, settings: S3Settings, cancel: CancelToken
+) -> list[RemoteFile]:
     prefix = location.prefix
     keys: list[tuple[str, str]] = []
     has_manifest = False
@@ -158,7 +160,7 @@ def _list_prefix(client: S3Client, location: S3Location, settings: S3Settings, c
     recorded = _source_manifest(client, location) if has_manifest else {}
     remotes = []
     for (key, rel), head in zip(keys, heads, strict=True):
-        remote = _Remote(key, rel, int(head["ContentLength"]), head["ETag"], _recorded_sha256(head))
+        remote = RemoteFile(key, rel, int(head["ContentLength"]), head["ETag"], _recorded_sha256(head))
         if rel in recorded:
             size, sha = recorded.pop(rel)
             if size != remote.size or (remote.sha256 and remote.sha256 != sha):
@@ -166,7 +168,7 @@ def _list_prefix(client: S3Client, location: S3Location, settings: S3Settings, c
                     f"s3://{location.bucket}/{key} is {remote.size} bytes but the prefix's {MANIFEST_NAME} "
                     f"records {size}: it was modified after publishing. Re-publish the model."
                 )
-            remote = _Remote(key, rel, remote.size, remote.etag, sha)
+            remote = RemoteFile(key, rel, remote.size, remote.etag, sha)
         remotes.append(remote)
     if recorded:
         raise InputError(
@@ -176,7 +178,7 @@ def _list_prefix(client: S3Client, location: S3Location, settings: S3Settings, c
     return remotes
 
 
-def _cache_key(location: S3Location, remotes: list[_Remote]) -> str:
+def _cache_key(location: S3Location, remotes: list[RemoteFile]) -> str:
     identity = {"uri": location.uri, "objects": sorted((r.key, r.etag, r.size) for r in remotes)}
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:40]
 
@@ -192,7 +194,7 @@ def _model_root(directory: Path) -> Path:
 
 
 def _download_prefix(
-    client: S3Client, settings: S3Settings, remotes: list[_Remote], staging: Path,
+    client: S3Client, settings: S3Settings, remotes: list[RemoteFile], staging: Path,
     bucket: str, events: EventSink, cancel: CancelToken,
 ) -> tuple[int, list[FetchedFile]]:  # fmt: skip
     tasks = []
@@ -203,11 +205,13 @@ def _download_prefix(
     moved = run_transfers(client, settings, tasks, direction="download", events=events, cancel=cancel, stage=STAGE)
     events(STAGE, "verify", None, f"checking sha256 of {len(tasks)} files")
     digests = sha256_files([t.path for t in tasks], workers=settings.max_concurrency, cancel=cancel)
-    files = [_checked(remote, task, digest) for remote, task, digest in zip(remotes, tasks, digests, strict=True)]
+    files = [
+        checked_download(remote, task, digest) for remote, task, digest in zip(remotes, tasks, digests, strict=True)
+    ]
     return moved, files
 
 
-def _checked(remote: _Remote, task: TransferTask, digest: str) -> FetchedFile:
+def checked_download(remote: RemoteFile, task: TransferTask, digest: str) -> FetchedFile:
     """The downloaded file, once its size and (when the source records one) sha256 match."""
     size = task.path.stat().st_size
     if size != remote.size:
@@ -225,7 +229,7 @@ def _checked(remote: _Remote, task: TransferTask, digest: str) -> FetchedFile:
 
 
 def _download_archive(
-    client: S3Client, remote: _Remote, bucket: str, staging: Path, events: EventSink, cancel: CancelToken
+    client: S3Client, remote: RemoteFile, bucket: str, staging: Path, events: EventSink, cancel: CancelToken
 ) -> tuple[int, list[FetchedFile]]:
     uri = f"s3://{bucket}/{remote.key}"
     attempts = int(client.meta.config.retries.get("total_max_attempts", 5))
@@ -334,9 +338,9 @@ def fetch_model(
     archive = is_archive_key(location.key)
     if archive:
         head = _head(client, location.bucket, location.key)
-        remotes = [_Remote(location.key, "", int(head["ContentLength"]), head["ETag"], _recorded_sha256(head))]
+        remotes = [RemoteFile(location.key, "", int(head["ContentLength"]), head["ETag"], _recorded_sha256(head))]
     else:
-        remotes = _list_prefix(client, location, settings, cancel)
+        remotes = list_remote_files(client, location, settings, cancel)
     etags = {remote.key: remote.etag for remote in remotes}
     cache_key = _cache_key(location, remotes)
 

@@ -24,7 +24,7 @@ from optjob.pipeline.events import NULL_SINK
 from optjob.storage.archive import is_archive_key
 from optjob.storage.hashing import sha256_file
 from optjob.storage.s3 import S3Client, S3Settings, make_client
-from optjob.storage.source import STAGE, FetchedFile, FetchedModel, _checked, _list_prefix, _Remote
+from optjob.storage.source import STAGE, FetchedFile, FetchedModel, RemoteFile, checked_download, list_remote_files
 from optjob.storage.transfer import TransferTask, run_transfers
 from optjob.storage.uri import parse_s3_uri
 
@@ -55,14 +55,15 @@ class StreamingFetch:
         self.settings = settings or S3Settings()
         self.cancel = (cancel or CancelToken()).child()  # stop() ends this fetch, not the job
         self.client = client or make_client(self.settings)
-        self.remotes: dict[str, _Remote] = {
-            remote.rel: remote for remote in _list_prefix(self.client, self.location, self.settings, self.cancel)
+        self.remotes: dict[str, RemoteFile] = {
+            remote.rel: remote for remote in list_remote_files(self.client, self.location, self.settings, self.cancel)
         }
         self.files: dict[str, FetchedFile] = {}
         self.bytes_done = 0
         self._ready = {rel: threading.Event() for rel in self.remotes}
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._wanted: list[str] = list(self.remotes)
 
     @property
     def total_bytes(self) -> int:
@@ -71,10 +72,12 @@ class StreamingFetch:
     def size(self, rel: str) -> int:
         return self.remotes[rel].size
 
-    def start(self, order: list[str]) -> None:
-        """Download every listed file: those in ``order`` first, in that order, then the rest."""
-        rest = sorted(set(self.remotes) - set(order))
+    def start(self, order: list[str], *, only: bool = False) -> None:
+        """Download every listed file: those in ``order`` first, in that order, then the rest
+        (``only``: just those in ``order``; the caller reads the others some other way)."""
+        rest = [] if only else sorted(set(self.remotes) - set(order))
         sequence = [rel for rel in order if rel in self.remotes] + rest
+        self._wanted = list(sequence)
         self.dest.mkdir(parents=True, exist_ok=True)
         self._thread = threading.Thread(target=self._run, args=(sequence,), name="optjob-fetch", daemon=True)
         self._thread.start()
@@ -90,7 +93,7 @@ class StreamingFetch:
                 # Events belong to the consumer's thread: progress is read from bytes_done instead.
                 run_transfers(self.client, self.settings, [task], direction="download", events=NULL_SINK,
                               cancel=self.cancel, stage=STAGE)  # fmt: skip
-                checked = _checked(remote, task, sha256_file(partial, self.cancel))
+                checked = checked_download(remote, task, sha256_file(partial, self.cancel))
                 final = self.dest / rel
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(partial, final)
@@ -115,7 +118,7 @@ class StreamingFetch:
 
     def result(self) -> FetchedModel:
         """Every file, after all downloads finished (raises the download's error)."""
-        for rel in self.remotes:
+        for rel in self._wanted:
             self.wait(rel)
         if self._thread is not None:
             self._thread.join()  # its cleanup of the incoming directory is done too

@@ -454,3 +454,39 @@ def _compare(source: CheckpointReader, output: CheckpointReader, qconfig: dict[s
     if figures.quantized_tensors:
         figures.mean_rel_error = total_rel / figures.quantized_tensors
     return figures
+
+
+class StreamChecker:
+    """The same figures as ``compare_checkpoints``, from tensors already in memory as a job streams.
+
+    A tensor-streaming job has each source weight and its compressed output in hand for a moment;
+    decoding the output there, with compressed-tensors' own decompressor built from the
+    ``quantization_config`` the job publishes, gives the per-tensor check without reading either
+    checkpoint again. Unquantized tensors are counted: those copied byte for byte are unchanged by
+    construction (and covered by the output's sha256); those cast to another dtype are compared.
+    """
+
+    def __init__(self, qconfig: dict[str, Any], mode: Mode = "direct") -> None:
+        self._decode = _ct_decoder(qconfig)
+        self.figures = TensorFigures(mode=mode)
+        self._total_rel = 0.0
+
+    def quantized(self, module: str, stored: dict[str, torch.Tensor], source: torch.Tensor) -> None:
+        """``stored``: the module's output tensors by full name (``<module>.weight_scale``, ...)."""
+        prefix = f"{module}."
+        local = {name[len(prefix) :]: value for name, value in stored.items() if name.startswith(prefix)}
+        rel, cos = _compare_tensor(self._decode(local), source, self.figures.mode)  # type: ignore[arg-type]
+        figures = self.figures
+        figures.quantized_tensors += 1
+        self._total_rel += rel
+        if rel >= figures.max_rel_error:
+            figures.max_rel_error, figures.worst_tensor = rel, f"{module}.weight"
+        figures.min_cosine = min(figures.min_cosine, cos)
+        figures.mean_rel_error = self._total_rel / figures.quantized_tensors
+
+    def unquantized(self, name: str, output: torch.Tensor | None = None, source: torch.Tensor | None = None) -> None:
+        """A tensor left unquantized: compared when cast (``output``/``source`` given), else identical."""
+        rel = 0.0 if output is None or source is None else _compare_direct(output, source)[0]
+        self.figures.unquantized_tensors += 1
+        if rel >= self.figures.unquantized_max_rel_error:
+            self.figures.unquantized_max_rel_error, self.figures.unquantized_worst_tensor = rel, name

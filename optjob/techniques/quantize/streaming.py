@@ -100,7 +100,7 @@ def build_config(preset: str, ignore: Sequence[str], *, kv_cache_scheme: Any = N
     )
 
 
-def _converter(config: Any) -> Any:
+def converter_for(config: Any) -> Any:
     from compressed_tensors.quantization import QuantizationConfig
     from llmcompressor.entrypoints.model_free.converter import ModelFreePtqConverter
 
@@ -136,7 +136,7 @@ def quantize_shards(
     from optjob.storage.safetensors_io import ShardReader, ShardWriter, header_reserve
 
     fp8_cpu.install()  # same bits as the library's FP8 compression, several times faster on CPU
-    converter = _converter(config)
+    converter = converter_for(config)
     ignore = list(config.ignore or [])
     result = StreamResult()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -247,13 +247,7 @@ def quantize_checkpoint(
     lands; ``input_dir`` then needs only the non-weight files). ``config.json`` gets its
     ``quantization_config`` before the first shard, so ``on_shard_done`` can already decode it.
     """
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for item in input_dir.iterdir():
-        if item.is_file() and not item.name.endswith(".safetensors") and item.name != WEIGHTS_INDEX:
-            shutil.copy2(item, output_dir / item.name)
-    config = build_config(preset, ignore)
-    config_dtype = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(dtype)
-    write_quantization_config(output_dir, config, dtype=config_dtype)
+    config = prepare_output_dir(input_dir, output_dir, preset=preset, ignore=ignore, dtype=dtype)
     names = weight_files(input_dir) if shards is None else None
     total = len(names) if names is not None else len(indexed_weight_names(input_dir) or [None])
     result = quantize_shards(
@@ -268,6 +262,23 @@ def quantize_checkpoint(
         total_shards=total,
     )
     if len(result.shards) > 1:
-        index = {"metadata": {"total_size": result.total_size}, "weight_map": dict(sorted(result.weight_map.items()))}
-        (output_dir / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        write_index(output_dir, result.weight_map, result.total_size)
     return result
+
+
+def prepare_output_dir(input_dir: Path, output_dir: Path, *, preset: str, ignore: Sequence[str], dtype: str) -> Any:
+    """Copy the non-weight files and give ``config.json`` its ``quantization_config`` (before any
+    shard, so a shard's check can already decode with it); returns the compressed-tensors config."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for item in input_dir.iterdir():
+        if item.is_file() and not item.name.endswith(".safetensors") and item.name != WEIGHTS_INDEX:
+            shutil.copy2(item, output_dir / item.name)
+    config = build_config(preset, ignore)
+    config_dtype = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(dtype)
+    write_quantization_config(output_dir, config, dtype=config_dtype)
+    return config
+
+
+def write_index(output_dir: Path, weight_map: dict[str, str], total_size: int) -> None:
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (output_dir / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")

@@ -28,7 +28,7 @@ from optjob.pipeline.stage import (
     StageContext,
     StageNeeds,
     StageResult,
-    StreamingTechnique,
+    TensorStreamingTechnique,
     register,
 )
 from optjob.runtime.usage import peak_rss_mib
@@ -55,7 +55,7 @@ def resolve_engine(params: QuantizationParams) -> dict[str, Any]:
 
 
 @register
-class QuantizationTechnique(StreamingTechnique):
+class QuantizationTechnique(TensorStreamingTechnique):
     config_member = "ModelQuantizationConfig"
     optimization_type = "Quantization"
 
@@ -129,7 +129,7 @@ class QuantizationTechnique(StreamingTechnique):
         on_output: Callable[[Path], None] | None,
     ) -> StageResult:
         from optjob.techniques.quantize import engines, memory, streaming
-        from optjob.verify.gate import per_tensor_mode, run_gate
+        from optjob.verify.gate import per_tensor_mode
         from optjob.verify.tensors import quantization_config
 
         params = QuantizationParams(**stage.params["options"])
@@ -207,6 +207,83 @@ class QuantizationTechnique(StreamingTechnique):
         else:
             raise InputError(f"unknown quantization engine {engine!r}")
         timings["quantize_s"] = round(time.monotonic() - t0, 3)
+        return self._finish(stage, ctx, params, scheme, dtype, fit, details, timings, started, shard_figures)
+
+    def import_libraries(self) -> None:
+        import compressed_tensors.compressors  # noqa: F401
+        import llmcompressor.entrypoints.model_free.converter  # noqa: F401
+        import transformers.initialization  # noqa: F401
+
+    def run_tensor_streaming(
+        self,
+        stage: PlannedStage,
+        ctx: StageContext,
+        shards: Iterable[Any],
+        open_output: Callable[[str, Any], Any],
+    ) -> StageResult:
+        """Data-free schemes, a tensor at a time: output headers planned up front, each weight
+        quantized and checked in memory as its bytes arrive, output bytes uploaded as produced."""
+        from optjob.runtime.phases import PhaseClock
+        from optjob.techniques.quantize import memory, streaming, tensor_stream
+        from optjob.verify.gate import per_tensor_mode
+        from optjob.verify.tensors import StreamChecker, quantization_config
+
+        if stage.engine != "streaming":
+            raise InputError(f"the {stage.engine} engine needs the whole model; it cannot run tensor by tensor")
+        params = QuantizationParams(**stage.params["options"])
+        scheme: dict[str, Any] = stage.params["scheme"]
+        dtype: str = stage.params.get("dtype", "auto")
+        src, out = Path(ctx.input_dir), Path(ctx.output_dir)
+        if not (src / "config.json").is_file():
+            raise InputError(f"the model source has no config.json (looked in {src})")
+        out.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        linear = streaming.linear_module_names(src)
+        fit = memory.estimate(src, params, ctx.target, linear_modules=linear, ignore=params.ignore, dtype=dtype)
+        memory.check_fit(fit, ctx.target)
+        ctx.events("quantize", "preflight", 0.0, f"fits: {fit.per_accelerator_gib:.2f} GiB per accelerator")
+        ctx.cancel.raise_if_cancelled()
+
+        config = streaming.prepare_output_dir(src, out, preset=scheme["preset"], ignore=params.ignore, dtype=dtype)
+        checker = StreamChecker(quantization_config(out), per_tensor_mode(scheme["verify_key"]))
+        quantizer = tensor_stream.ShardQuantizer(config, linear_modules=linear, dtype=streaming.torch_dtype(dtype))
+        clock = ctx.clock or PhaseClock()
+        t0 = time.monotonic()
+        result = tensor_stream.quantize_stream(
+            shards, open_output, quantizer=quantizer, checker=checker, clock=clock, cancel=ctx.cancel,
+            events=ctx.events, total_shards=getattr(shards, "count", None),
+        )  # fmt: skip
+        if result.shards > 1:
+            streaming.write_index(out, result.weight_map, result.total_size)
+        timings: dict[str, Any] = {"quantize_s": round(time.monotonic() - t0, 3), "phases_s": clock.seconds()}
+        ctx.events("quantize", "phases", None, f"where the time went: {clock.summary()}", phases_s=clock.seconds())
+        details = {
+            "shards": result.shards,
+            "quantized_modules": len(result.quantized_modules),
+            "granularity": "tensor",
+            "largest_quantized_tensor_mib": round(result.largest_quantized_bytes / 2**20, 1),
+        }
+        return self._finish(stage, ctx, params, scheme, dtype, fit, details, timings, started, checker.figures)
+
+    def _finish(
+        self,
+        stage: PlannedStage,
+        ctx: StageContext,
+        params: QuantizationParams,
+        scheme: dict[str, Any],
+        dtype: str,
+        fit: Any,
+        details: dict[str, Any],
+        timings: dict[str, Any],
+        started: float,
+        shard_figures: Any,
+    ) -> StageResult:
+        """Tokenizer and serving files, the verification gate, the stage's figures."""
+        from optjob.techniques.quantize import engines
+        from optjob.verify.gate import run_gate
+
+        src, out = Path(ctx.input_dir), Path(ctx.output_dir)
+        engine = stage.engine
         engines.copy_aux_files(src, out)
         write_serving_properties(out, stage.serving_properties)
         ctx.cancel.raise_if_cancelled()

@@ -1,0 +1,187 @@
+"""Runs a one-stage plan whose stage maps tensors to tensors, a tensor at a time, from S3 to S3.
+
+``streaming.run_streaming`` overlaps whole files: a shard must arrive complete before it is
+worked on, and be written complete before it is uploaded, so a 5 GB shard costs 5 GB of waiting
+and the job cannot finish much before ``download + work + upload`` of the largest shard. Here each
+source shard is read with ranged GETs a bounded window ahead (``storage.tensorstream.reader``), the
+stage computes each output header up front and writes tensors as they are made into a multipart
+upload (``storage.tensorstream.multipart``), so download, quantization and upload of one shard
+overlap, and memory is the configured buffers plus a few copies of the largest quantized weight
+(``configs/streaming.yaml``).
+
+Checked on the way: every source object's size, its ETag (If-Match on every GET) and, where the
+source records one, its sha256; every quantized tensor decoded and compared with its source; every
+output's sha256. Both sides are also spooled to local disk, where the checks that need whole
+layers (the end-to-end replay, the transformers load check) read them after the stream. As
+before, nothing is a model until the manifest is written last; a failure aborts the uploads in
+flight and removes what was uploaded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from optjob.config_files import load_config
+from optjob.errors import InfrastructureError
+from optjob.pipeline.cancel import CancelToken
+from optjob.pipeline.events import EventSink
+from optjob.pipeline.outcome import RunOutcome
+from optjob.pipeline.plan import Plan
+from optjob.pipeline.stage import StageContext, TensorStreamingTechnique
+from optjob.pipeline.streaming import open_source, weight_order
+from optjob.pipeline.transfer import ALLOW_PICKLE_ENV, SourceModel, build_manifest
+from optjob.runtime.memory_limit import cgroup_limit_bytes
+from optjob.runtime.phases import PhaseClock
+from optjob.runtime.usage import rss_mib
+from optjob.storage.inputs import check_model_dir, check_shard_against_index
+from optjob.storage.publish import Publisher
+from optjob.storage.s3 import MiB, S3Settings
+from optjob.storage.source import FetchedFile, FetchedModel
+from optjob.storage.stream import StreamingFetch
+from optjob.storage.tensorstream.header import ShardHeader
+from optjob.storage.tensorstream.multipart import MultipartObjectWriter, UploadWindow
+from optjob.storage.tensorstream.reader import ReadAhead, RemoteShard
+from optjob.storage.tensorstream.writer import PlannedShardWriter
+
+
+def streaming_settings() -> tuple[ReadAhead, UploadWindow, int]:
+    """Read-ahead, upload window and memory budget (MiB) from ``configs/streaming.yaml``."""
+    cfg = load_config("streaming.yaml")
+    read, up = cfg["read_ahead"], cfg["upload"]
+    read_ahead = ReadAhead(chunk=int(read["chunk_mib"]) * MiB, window=int(read["window_mib"]) * MiB,
+                           workers=int(read["workers"]))  # fmt: skip
+    window = UploadWindow(part=int(up["part_mib"]) * MiB, in_flight=int(up["in_flight"]))
+    return read_ahead, window, int(cfg["memory_budget_mib"])
+
+
+def check_memory_limit(budget_mib: int) -> dict[str, float | None]:
+    """Fail before any work when the worker's cgroup limit leaves less than the streaming budget."""
+    limit = cgroup_limit_bytes()
+    used = rss_mib()
+    if limit is not None and limit / MiB - used < budget_mib:
+        raise InfrastructureError(
+            f"Out of memory before starting: the worker's memory limit is {limit / MiB:.0f} MiB, its "
+            f"libraries already use {used:.0f} MiB, and streaming quantization needs {budget_mib} MiB more "
+            f"(memory_budget_mib in configs/streaming.yaml). Give the worker at least {used + budget_mib:.0f} MiB."
+        )
+    return {"limit_mib": round(limit / MiB, 1) if limit is not None else None, "rss_before_mib": round(used, 1),
+            "budget_mib": budget_mib}  # fmt: skip
+
+
+class _Output:
+    """An output shard being streamed to S3 (and spooled locally); final once ``close`` returns."""
+
+    def __init__(self, rel: str, header: ShardHeader, upload: MultipartObjectWriter, publisher: Publisher,
+                 spool: Path) -> None:  # fmt: skip
+        self.rel, self.upload, self.publisher, self.spool = rel, upload, publisher, spool
+        self.writer = PlannedShardWriter(header, upload, what=f"output {rel}")
+
+    def close(self) -> None:
+        self.writer.check_complete()
+        self.publisher.record_streamed(self.rel, self.upload.close(), self.spool)
+
+    def abort(self) -> None:
+        self.upload.abort()
+
+
+class _SourceShards:
+    """The source weight files as streams, in index order; ``files`` fills in as each is read to the end."""
+
+    def __init__(self, fetch: StreamingFetch, weights: list[str], weight_map: dict[str, str], source_dir: Path,
+                 read_ahead: ReadAhead, clock: PhaseClock, cancel: CancelToken, events: EventSink) -> None:  # fmt: skip
+        self.fetch, self.weights, self.weight_map = fetch, weights, weight_map
+        self.source_dir, self.read_ahead, self.clock, self.cancel, self.events = (
+            source_dir, read_ahead, clock, cancel, events)  # fmt: skip
+        self.count = len(weights)
+        self.files: list[FetchedFile] = []
+        self.bytes_done = 0
+
+    def __iter__(self) -> Iterator[RemoteShard]:
+        total = sum(self.fetch.size(rel) for rel in self.weights) or 1
+        for number, rel in enumerate(self.weights, 1):
+            remote = self.fetch.remotes[rel]
+            shard = RemoteShard(self.fetch.client, self.fetch.location.bucket, remote, read_ahead=self.read_ahead,
+                                cancel=self.cancel, clock=self.clock, spool=self.source_dir / rel)  # fmt: skip
+            try:
+                check_shard_against_index(self.weight_map, rel, {span.name: span for span in shard.header.spans})
+                yield shard
+                digest = shard.finish()
+            finally:
+                shard.close()
+            self.files.append(FetchedFile(path=rel, size=remote.size, sha256=digest, key=remote.key,
+                                          etag=remote.etag, verified=remote.sha256 is not None))  # fmt: skip
+            self.bytes_done += remote.size
+            self.events("download", "file", self.bytes_done / total,
+                        f"{number}/{self.count} weight files, {self.bytes_done / MiB:.0f} of {total / MiB:.0f} MiB",
+                        bytes_done=self.bytes_done, bytes_total=total)  # fmt: skip
+
+
+def run_tensor_streaming(
+    plan: Plan,
+    technique: TensorStreamingTechnique,
+    *,
+    job_arn: str,
+    work_dir: Path,
+    events: EventSink,
+    cancel: CancelToken,
+    storage: S3Settings | None,
+) -> RunOutcome:
+    """Fetch, run and publish a tensor at a time; raises JobFailed subclasses or JobCancelled."""
+    stage = plan.stages[0]
+    source_dir, out_dir = work_dir / "source", work_dir / f"stage-1-{stage.optimization_type.lower()}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    read_ahead, window, budget = streaming_settings()
+    technique.import_libraries()  # so the memory check below sees their footprint
+    memory = check_memory_limit(budget)
+    events("download", "list", 0.0, f"listing {plan.source.s3_uri}")
+    fetch = StreamingFetch(plan.source.s3_uri, source_dir, settings=storage, cancel=cancel)
+    weights = weight_order(fetch)
+    small = sorted(set(fetch.remotes) - set(weights))
+    fetch.start(order=small, only=True)
+    clock = PhaseClock()
+    publisher = Publisher(
+        plan.output.s3_uri, job_name=plan.job_name, job_arn=job_arn, kms_key_id=plan.output.kms_key_id,
+        settings=storage, events=events, cancel=cancel,
+    )  # fmt: skip
+    try:
+        weight_map = open_source(plan, fetch, source_dir, small, weights, publisher)
+        shards = _SourceShards(fetch, weights, weight_map, source_dir, read_ahead, clock, cancel, events)
+
+        def open_output(rel: str, header: ShardHeader) -> _Output:
+            spool = out_dir / rel
+            upload = publisher.stream_object(rel, expected_bytes=header.file_bytes, window=window, clock=clock,
+                                             spool=spool)  # fmt: skip
+            return _Output(rel, header, upload, publisher, spool)
+
+        ctx = StageContext(
+            job_name=plan.job_name, input_dir=source_dir, output_dir=out_dir, work_dir=work_dir,
+            target=plan.target, env=stage.env, events=events, cancel=cancel, clock=clock,
+        )  # fmt: skip
+        events(stage.optimization_type, "start", 0.0, f"stage 1/1 via {stage.engine}, streaming tensor by tensor")
+        result = technique.run_tensor_streaming(stage, ctx, shards, open_output)
+        events(stage.optimization_type, "done", 1.0, "stage 1/1 finished")
+        small_files = fetch.result()
+        files = sorted([*small_files.files, *shards.files], key=lambda item: item.path)
+        fetched = FetchedModel(
+            source_uri=plan.source.s3_uri, path=source_dir, files=files, total_bytes=sum(f.size for f in files),
+            etags={remote.key: remote.etag for remote in fetch.remotes.values()}, archive=False, from_cache=False,
+            bytes_downloaded=small_files.bytes_downloaded + shards.bytes_done,
+        )  # fmt: skip
+        check_model_dir(source_dir, allow_pickle=os.environ.get(ALLOW_PICKLE_ENV) == "1")
+        cancel.raise_if_cancelled()
+        metrics: dict[str, Any] = {f"1:{stage.optimization_type}": result.metrics}
+        result.metrics.setdefault("streaming", {}).update(
+            {"granularity": "tensor", "phases_s": clock.seconds(), "memory": memory,
+             "read_ahead_mib": read_ahead.window // MiB, "upload_part_mib": window.part // MiB,
+             "uploads_in_flight": window.in_flight})  # fmt: skip
+        warnings = list(dict.fromkeys([*plan.all_warnings, *result.warnings]))
+        manifest = build_manifest(plan, job_arn, SourceModel(path=source_dir, fetched=fetched), metrics, warnings)
+        published = publisher.commit(out_dir, manifest)
+        return RunOutcome(plan.recommended_image, warnings, metrics, [file.path for file in published.files])
+    except BaseException:
+        fetch.stop()
+        publisher.rollback()
+        raise
