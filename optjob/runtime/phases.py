@@ -5,7 +5,9 @@ time says nothing about the bottleneck. The consumer thread (the one that turns 
 output tensors) charges every interval it spends to exactly one phase; ``wait_download`` and
 ``wait_upload`` are the intervals it sat idle because the network was behind. A user reads the
 breakdown in the manifest and in ``optjob logs``: a large ``wait_download`` means S3 reads are the
-limit, a large ``quantize`` means the CPU is.
+limit, a large ``quantize`` means the CPU is. ``verify`` runs on a thread of its own beside the
+consumer, so the phases can add up to more than the wall time; ``wait_verify`` is the consumer
+waiting for it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-PHASES = ("wait_download", "quantize", "verify", "hash", "spool", "wait_upload")
+PHASES = ("wait_download", "quantize", "verify", "wait_verify", "hash", "spool", "wait_upload")
 
 
 class PhaseClock:

@@ -14,7 +14,9 @@ its size).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -32,6 +34,7 @@ from optjob.techniques.quantize.streaming import converter_for, is_ignored
 from optjob.verify.tensors import StreamChecker
 
 QUANTIZE, CAST, COPY = "quantize", "cast", "copy"
+_CHECKS_AHEAD = 2
 
 
 class SourceShard(Protocol):
@@ -113,8 +116,33 @@ class ShardQuantizer:
         clock: PhaseClock,
         cancel: CancelToken,
     ) -> list[str]:
-        """Stream one shard through; returns the modules quantized."""
-        done = []
+        """Stream one shard through; returns the modules quantized.
+
+        Each weight's check (decode and compare, as costly as quantizing it) runs on a thread of its
+        own while the next weight is quantized: torch releases the GIL, so on two cores the two
+        overlap. At most ``_CHECKS_AHEAD`` checks wait, each holding its source and output tensors.
+        """
+        done: list[str] = []
+        pending: deque[Future[None]] = deque()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="optjob-check") as pool:
+            try:
+                self._quantize_into(shard, plan, output, checker, clock, cancel, done, pending, pool)
+                while pending:
+                    _wait_check(pending.popleft(), clock, cancel)
+            except BaseException:
+                for future in pending:
+                    future.cancel()
+                raise
+        output.check_complete()
+        return done
+
+    def _quantize_into(self, shard: SourceShard, plan: ShardPlan, output: PlannedShardWriter, checker: StreamChecker,
+                       clock: PhaseClock, cancel: CancelToken, done: list[str], pending: deque[Future[None]],
+                       pool: ThreadPoolExecutor) -> None:  # fmt: skip
+        def checked(module: str, produced: dict[str, torch.Tensor], source: torch.Tensor) -> None:
+            with clock.phase("verify"):
+                checker.quantized(module, produced, source)
+
         for item in shard.tensors():
             cancel.raise_if_cancelled()
             action = plan.actions[item.name]
@@ -136,14 +164,24 @@ class ShardQuantizer:
                 weight = source.to(self.dtype) if self.dtype is not None else source
                 with self._no_init():
                     produced = self.converter.process({item.name: weight})
-            with clock.phase("verify"):
-                checker.quantized(module, produced, source)
+            while len(pending) >= _CHECKS_AHEAD:
+                _wait_check(pending.popleft(), clock, cancel)
+            pending.append(pool.submit(checked, module, produced, source))
             del weight, source
             for key, value in produced.items():
                 output.add(key, value)
             done.append(module)
-        output.check_complete()
-        return done
+
+
+def _wait_check(future: Future[None], clock: PhaseClock, cancel: CancelToken) -> None:
+    with clock.phase("wait_verify"):
+        while True:
+            cancel.raise_if_cancelled()
+            try:
+                future.result(timeout=0.1)
+                return
+            except TimeoutError:
+                continue
 
 
 def quantize_stream(
