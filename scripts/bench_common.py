@@ -263,12 +263,15 @@ def run_measured(
     cwd: Path | None = None,
     timeout_s: float | None = None,
     log_path: Path | None = None,
+    preexec: Callable[[], None] | None = None,
 ) -> Measured:
-    """Run ``cmd`` as a subprocess, sampling its tree's RSS; output goes to ``log_path`` (kept for reading)."""
+    """Run ``cmd`` as a subprocess, sampling its tree's RSS; output goes to ``log_path`` (kept for reading).
+    ``preexec`` runs in the child before ``cmd`` (e.g. joining a memory cgroup)."""
     log_path = log_path or Path(os.devnull)
     started = time.perf_counter()
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=preexec)  # fmt: skip
         sampler = PeakRSS(proc.pid).start()
         try:
             rc = proc.wait(timeout=timeout_s)

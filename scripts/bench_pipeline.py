@@ -484,9 +484,11 @@ def _measure(server: Any, model_dir: Path, size: int, work: Path, opts: argparse
         our_transfer("upload", upload_tasks(model_dir, src_bucket, "model/"))
         res["throughput_our_upload_raw_s"] = time.perf_counter() - t0
 
-    def measured(name: str, cmd: list[str], extra_env: dict[str, str] | None = None) -> bench_common.Measured:
+    def measured(name: str, cmd: list[str], extra_env: dict[str, str] | None = None,
+                 preexec: Any = None) -> bench_common.Measured:  # fmt: skip
         note(name)
-        m = bench_common.run_measured(name, cmd, env={**env, **(extra_env or {})}, log_path=work / f"{name}.log")
+        m = bench_common.run_measured(name, cmd, env={**env, **(extra_env or {})}, log_path=work / f"{name}.log",
+                                      preexec=preexec)  # fmt: skip
         print(
             f"    wall {m.wall_s:.1f} s, peak RSS (tree) {m.peak_tree_bytes / MiB:.0f} MiB "
             f"(anonymous {m.peak_tree_anon_bytes / MiB:.0f} MiB), rc {m.rc}",
@@ -558,15 +560,21 @@ def _measure(server: Any, model_dir: Path, size: int, work: Path, opts: argparse
     delete_prefix(client, out_bucket, "optjob/")
     shutil.rmtree(home, ignore_errors=True)
 
+    extra_runs = _extra_runs(opts, server, client, out_bucket, src_uri, a2_cmd, c_cmd, manifest, size, work, measured,
+                             {"OPTJOB_HOME": str(home), "PYTHONPATH": str(bench_common.REPO_ROOT)})  # fmt: skip
+    res["extra_runs"] = {label: m.as_dict() | extra for label, (m, extra) in extra_runs.items()}
+
     # (d) throughput of our transfer code vs aws s3 cp on the same objects
-    with patched_env(server.aws_env()):
-        res.update(_throughput(client, model_dir, src_bucket, out_bucket, work, measured))
+    if not opts.skip_throughput:
+        with patched_env(server.aws_env()):
+            res.update(_throughput(client, model_dir, src_bucket, out_bucket, work, measured))
 
     runs = [
         ("(a) aws s3 cp S3->S3", a),
         ("(a') aws s3 cp down + up", a2),
         ("(b) download, oneshot FP8_DYNAMIC, save, upload", b),
         ("(c) optjob run (FP8_DYNAMIC job)", c),
+        *[(label, m) for label, (m, _) in extra_runs.items()],
     ]
     print()
     bench_common.print_table(
@@ -615,6 +623,15 @@ def _measure(server: Any, model_dir: Path, size: int, work: Path, opts: argparse
         print(f"optjob manifest metrics (abridged): {json.dumps(metrics, default=str)[:1500]}")
     if gate:
         print(f"verification gate: {json.dumps(gate)}")
+    stage = next(iter(((manifest or {}).get("metrics") or {}).values()), {}) or {}
+    if stage.get("streaming"):
+        timings = stage.get("timings") or {}
+        print(f"where (c)'s time went (manifest): stream {timings.get('quantize_s')} s, "
+              f"gate {timings.get('verify_s')} s; "
+              f"stream phases (s, summed over threads): {stage['streaming']['phases_s']}; "
+              f"memory: {stage['streaming']['memory']}, worker peak {stage.get('peak_rss_mib')} MiB")  # fmt: skip
+    for label, (m, extra) in extra_runs.items():
+        print(f"{label}: wall {m.wall_s:.1f} s, rc {m.rc}, {json.dumps(extra)}")
     if c.rc != 0:
         print("(c) did not complete: see the log tail above; c/* ratios are not available.")
     res.update(
@@ -628,6 +645,74 @@ def _measure(server: Any, model_dir: Path, size: int, work: Path, opts: argparse
         optjob_manifest=manifest,
     )
     return res
+
+
+def _weed_pid(server: Any) -> int | None:
+    """The S3 server's PID, from the process listening on its port (so only it is pinned)."""
+    import psutil
+
+    port = int(str(server.endpoint_url).rsplit(":", 1)[1].strip("/"))
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
+            return conn.pid
+    return None
+
+
+def _extra_runs(opts: argparse.Namespace, server: Any, client: Any, out_bucket: str, src_uri: str, a2_cmd: list[str],
+                c_cmd: list[str], manifest: dict[str, Any] | None, size: int, work: Path, measured: Any,
+                c_env: dict[str, str]) -> dict[str, tuple[Any, dict[str, Any]]]:  # fmt: skip
+    """Optional runs: the file-granular path, the job under a memory cgroup, and S3 server vs job on separate cores."""
+    from optjob.testing.memory_cgroup import MemoryCgroup
+
+    out: dict[str, tuple[Any, dict[str, Any]]] = {}
+    spec = Path(c_cmd[-1])
+    homes = iter(range(100))
+
+    def fresh(env: dict[str, str]) -> dict[str, str]:  # each run its own job store: the job name repeats
+        return {**env, "OPTJOB_HOME": str(work / f"home-{next(homes)}")}
+
+    if opts.file_granularity:
+        m = measured("c_file_granularity", c_cmd, fresh({**c_env, "OPTJOB_STREAM_GRANULARITY": "file"}))
+        delete_prefix(client, out_bucket, "optjob/")
+        out["(c-file) optjob run, shard-at-a-time path"] = (m, {})
+    if opts.memory_limit_mib is not None:
+        limit = int(size / 3 / MiB) if opts.memory_limit_mib == 0 else opts.memory_limit_mib
+        stage = next(iter(((manifest or {}).get("metrics") or {}).values()), {}) or {}
+        libraries = ((stage.get("streaming") or {}).get("memory") or {}).get("rss_before_mib") or 500
+        budget = ((stage.get("streaming") or {}).get("memory") or {}).get("budget_mib") or 256
+        worker = [sys.executable, "-m", "workers", "--spec", str(spec), "--work-dir", str(work / "limited")]
+        for label, mib in ((f"(c-limit) optjob-worker, cgroup limit {limit} MiB", limit),
+                           (f"(c-low) optjob-worker, limit {int(libraries + budget // 3)} MiB (< libraries + budget)",
+                            int(libraries + budget // 3))):  # fmt: skip
+            with MemoryCgroup(mib * MiB) as group:
+                m = measured(label.split()[0].strip("()"), worker, fresh(c_env), preexec=group.preexec)
+                peak = round((group.peak_bytes() or 0) / MiB)
+                extra = {"limit_mib": mib, "model_over_limit": round(size / (mib * MiB), 2),
+                         "oom_kills": group.oom_kills(), "cgroup_peak_mib": peak}  # fmt: skip
+            if m.rc != 0:
+                extra["reason"] = next(
+                    (line for line in m.output_tail.splitlines() if "out of memory" in line.lower()), ""
+                )[:400]
+            delete_prefix(client, out_bucket, "optjob/")
+            out[label] = (m, extra)
+    if opts.pin:
+        pid = _weed_pid(server)
+        if pid is None:
+            print("--pin: could not find the S3 server's PID; skipped", flush=True)
+            return out
+        before = os.sched_getaffinity(pid)
+        os.sched_setaffinity(pid, {0})
+        try:
+            m = measured("a2_pinned", ["taskset", "-c", "1", *a2_cmd])
+            delete_prefix(client, out_bucket, "copy2/")
+            shutil.rmtree(Path(a2_cmd[-2]), ignore_errors=True)
+            out["(a'-pinned) aws s3 cp down + up on CPU 1, S3 server on CPU 0"] = (m, {})
+            m = measured("c_pinned", ["taskset", "-c", "1", *c_cmd], fresh(c_env))
+            delete_prefix(client, out_bucket, "optjob/")
+            out["(c-pinned) optjob run on CPU 1, S3 server on CPU 0"] = (m, {})
+        finally:
+            os.sched_setaffinity(pid, before)
+    return out
 
 
 def _gate_figures(manifest: dict[str, Any] | None) -> dict[str, Any]:
@@ -703,6 +788,23 @@ def main(argv: list[str] | None = None) -> None:
                         "llama-3.2-3b is 6.4 GB in two shards of up to 5 GB)")  # fmt: skip
     parser.add_argument("--target", default="ml.g6.12xlarge", help="DeploymentInstanceType of the optjob job")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, spec)")
+    parser.add_argument(
+        "--file-granularity",
+        action="store_true",
+        help="also run the job on the shard-at-a-time path (OPTJOB_STREAM_GRANULARITY=file)",
+    )
+    parser.add_argument(
+        "--memory-limit-mib",
+        type=int,
+        default=None,
+        metavar="MIB",
+        help="also run the job with optjob-worker inside a memory cgroup of MIB (0: a third of the "
+        "model's size), and once more below libraries + budget (must fail clearly); needs root",
+    )
+    parser.add_argument(
+        "--pin", action="store_true", help="also run (a') and (c) on CPU 1 with the S3 server pinned to CPU 0"
+    )
+    parser.add_argument("--skip-throughput", action="store_true", help="skip the S3 throughput comparison")
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="results file (default under the cache dir)")
     parser.add_argument("--baseline-worker", action="store_true", help=argparse.SUPPRESS)

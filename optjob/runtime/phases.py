@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-PHASES = ("wait_download", "quantize", "verify", "wait_verify", "hash", "spool", "wait_upload")
+PHASES = ("wait_download", "quantize", "verify", "wait_verify", "hash", "spool", "wait_hash", "wait_upload")
 
 
 class PhaseClock:

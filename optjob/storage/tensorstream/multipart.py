@@ -4,7 +4,7 @@ A producer appends bytes; every ``part`` bytes become an UploadPart sent by a sm
 with at most ``in_flight`` parts outstanding, so memory is bounded by ``(in_flight + 1) * part``
 whatever the object's size. When the producer is faster than the network it blocks (time charged to
 ``wait_upload``): that is the back-pressure that keeps memory flat. The object's sha256 (and an
-optional local copy, the spool) come from the same bytes on the way.
+optional local copy, the spool) come from the same bytes on the way, on a sidecar thread.
 
 The object exists only after ``close`` completes the upload; ``abort`` (any failure, a Stop) aborts
 it, so S3 never holds a partial object under the key. An object smaller than one part is sent with
@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 from optjob.pipeline.cancel import CancelToken
 from optjob.runtime.phases import PhaseClock
 from optjob.storage.s3 import S3Client, storage_error
+from optjob.storage.tensorstream.sidecar import Sidecar
 
 MiB = 1 << 20
 _MIN_PART = 5 * MiB  # S3's minimum for every part but the last
@@ -71,6 +72,7 @@ class MultipartObjectWriter:
         self.cancel = cancel or CancelToken()
         self.clock = clock or PhaseClock()
         self._sha = hashlib.sha256()
+        self._sidecar = Sidecar(self.clock, self.cancel)
         self._buffer = bytearray()
         self._upload_id: str | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -90,11 +92,9 @@ class MultipartObjectWriter:
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
-        with self.clock.phase("hash"):
-            self._sha.update(view)
+        self._sidecar.submit("hash", self._sha.update, view)
         if self._spool is not None:
-            with self.clock.phase("spool"):
-                self._spool.write(view)
+            self._sidecar.submit("spool", self._spool.write, view)
         self.size += len(view)
         while len(view):
             room = self.part_size - len(self._buffer)
@@ -141,6 +141,7 @@ class MultipartObjectWriter:
     def close(self) -> WrittenObject:
         """Send what is buffered, wait for every part, complete the upload; the object now exists."""
         self.cancel.raise_if_cancelled()
+        self._sidecar.drain()
         try:
             if self._upload_id is None:
                 with self.clock.phase("wait_upload"):
@@ -184,6 +185,7 @@ class MultipartObjectWriter:
             self._partial_spool().unlink(missing_ok=True)
 
     def _shutdown(self) -> None:
+        self._sidecar.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

@@ -33,6 +33,7 @@ from optjob.runtime.phases import PhaseClock
 from optjob.storage.s3 import S3Client, storage_error
 from optjob.storage.source import RemoteFile
 from optjob.storage.tensorstream.header import ShardHeader, TensorSpan, header_length, parse_header
+from optjob.storage.tensorstream.sidecar import Sidecar
 
 _FIRST_GET = 1 << 20  # headers are almost always smaller; a larger one costs one more request
 _WAIT_POLL_S = 0.1
@@ -97,6 +98,7 @@ class RemoteShard:
         self.clock = clock or PhaseClock()
         self.what = f"s3://{bucket}/{remote.key}"
         self._sha = hashlib.sha256()
+        self._sidecar = Sidecar(self.clock, self.cancel)
         self._spool_path = spool
         self._spool: BinaryIO | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -115,14 +117,12 @@ class RemoteShard:
 
     # -- byte stream ---------------------------------------------------------------------------------
     def _accept(self, data: bytes) -> None:
-        with self.clock.phase("hash"):
-            self._sha.update(data)
+        self._sidecar.submit("hash", self._sha.update, data)
         if self._spool_path is not None:
-            with self.clock.phase("spool"):
-                if self._spool is None:
-                    self._spool_path.parent.mkdir(parents=True, exist_ok=True)
-                    self._spool = self._partial_spool().open("wb")
-                self._spool.write(data)
+            if self._spool is None:
+                self._spool_path.parent.mkdir(parents=True, exist_ok=True)
+                self._spool = self._partial_spool().open("wb")
+            self._sidecar.submit("spool", self._spool.write, data)
         self.bytes_read += len(data)
         rest = self._buffer
         self._buffer = memoryview(bytes(rest) + data) if len(rest) else memoryview(data)
@@ -186,6 +186,7 @@ class RemoteShard:
     def finish(self) -> str:
         """Read what is left after the last tensor, check size and recorded sha256; the hex digest."""
         self._skip_to(self.remote.size)
+        self._sidecar.drain()
         digest = self._sha.hexdigest()
         if self.bytes_read != self.remote.size:
             raise InputError(f"{self.what}: read {self.bytes_read} of {self.remote.size} bytes; retry the job")
@@ -203,6 +204,7 @@ class RemoteShard:
 
     def close(self) -> None:
         """Stop outstanding GETs and drop a partial spool file (idempotent)."""
+        self._sidecar.close()
         for future in self._pending:
             future.cancel()
         self._pending.clear()
