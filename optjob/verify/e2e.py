@@ -5,8 +5,9 @@ Why layer by layer: reloading both models whole cost two float32 copies of the m
 peak memory for a 0.98 GB checkpoint), so the check was skipped for anything big. Here only one
 decoder layer is materialized at a time (the source's, then the output's), the hidden states of
 the verification inputs are carried forward, the embedding is read row by row for the tokens in
-use and the LM head a block of vocabulary rows at a time. Memory is one layer in float32 plus
-activations, whatever the model's size.
+use and the LM head a block of vocabulary rows at a time; inside a layer each Linear's weight is read
+when it runs and dropped after. Memory is one Linear in float32 plus activations, whatever the
+model's size.
 
 What is compared is what is on disk: the output's weights are decoded from its files with the
 same decoders as the per-tensor check (compressed-tensors' compressors, bitsandbytes' quant
@@ -93,16 +94,25 @@ class _Checkpoint:
     def has(self, name: str) -> bool:
         return name in self.reader.map
 
-    def state(self, prefix: str) -> dict[str, torch.Tensor]:
-        """Every tensor under ``prefix`` (a module path ending in '.'), quantized weights decoded."""
+    def state(self, prefix: str, *, lazy: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+        """Every tensor under ``prefix`` (a module path ending in '.'), quantized weights decoded,
+        except the weights of the modules in ``lazy`` (read by ``weight`` when they run)."""
         out: dict[str, torch.Tensor] = {}
         for module in self.decoder.modules:
-            if module.startswith(prefix):
+            if module.startswith(prefix) and module not in lazy:
                 out[f"{module[len(prefix) :]}.weight"] = self.decoder.decode(module).float()
         for name in self.reader.map:
             if name.startswith(prefix) and not self.decoder.owns(name) and not _is_activation_param(name):
+                if name.endswith(".weight") and name[: -len(".weight")] in lazy:
+                    continue
                 out[name[len(prefix) :]] = self.reader.get(name).float()
         return out
+
+    def weight(self, module: str) -> torch.Tensor:
+        """One module's weight in float32, decoded when quantized."""
+        if self.decoder.is_quantized(module):
+            return self.decoder.decode(module).float()
+        return self.reader.get(f"{module}.weight").float()
 
     def activation_quantizers(self, layer: torch.nn.Module, prefix: str) -> list[Any]:
         """Forward pre-hooks that fake-quantize the inputs of the layer's quantized linears."""
@@ -186,6 +196,17 @@ def _skeleton(config: Any) -> Any:
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
 
 
+def _weight_loader(side: _Checkpoint, module: str) -> Callable[..., None]:
+    def load(mod: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
+        mod.weight = torch.nn.Parameter(side.weight(module), requires_grad=False)
+
+    return load
+
+
+def _drop_weight(mod: torch.nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+    mod.weight = torch.nn.Parameter(torch.empty(mod.weight.shape, device="meta"), requires_grad=False)
+
+
 def _causal_mask(length: int) -> torch.Tensor:
     mask = torch.full((length, length), float("-inf")).triu(1)
     return mask[None, None]
@@ -212,32 +233,43 @@ class LayerwiseRunner:
         return [side.embed(f"{self.base_prefix}embed_tokens.weight", seq)[None] for seq in ids]
 
     def run_layer(self, index: int, side: _Checkpoint, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One decoder layer over every input, in one batch (right-padded: under a causal mask a
+        position never sees the padding after it, so each input's figures are its own).
+
+        Linear weights are read when their module runs and dropped when it returns, so memory holds
+        one Linear in float32 (the largest, an MLP projection, 64 MiB at Llama-3.2-1B's size) rather
+        than the whole layer (~230 MiB there, ~400 MiB at 3B), whatever the model's size."""
         prefix = f"{self.base_prefix}layers.{index}."
         layer = self.layers[index]
-        layer.load_state_dict(side.state(prefix), strict=True, assign=True)
+        linears = {f"{prefix}{local}": module for local, module in layer.named_modules()
+                   if isinstance(module, torch.nn.Linear)}  # fmt: skip
+        missing, unexpected = layer.load_state_dict(
+            side.state(prefix, lazy=frozenset(linears)), strict=False, assign=True
+        )
+        lazy_weights = {f"{name[len(prefix) :]}.weight" for name in linears}
+        if unexpected or set(missing) - lazy_weights:
+            raise ValueError(f"layer {index}: missing {sorted(set(missing) - lazy_weights)}, unexpected {unexpected}")
         handles = side.activation_quantizers(layer, prefix)
+        for name, module in linears.items():
+            handles.append(module.register_forward_pre_hook(_weight_loader(side, name), prepend=True))
+            handles.append(module.register_forward_hook(_drop_weight))
         try:
-            out: dict[int, torch.Tensor] = {}
-            by_length: dict[int, list[int]] = {}
-            for i, h in enumerate(hidden):
-                by_length.setdefault(h.shape[1], []).append(i)
+            lengths = [h.shape[1] for h in hidden]
+            length = max(lengths)
+            batch = torch.cat([torch.nn.functional.pad(h, (0, 0, 0, length - h.shape[1])) for h in hidden])
+            positions = torch.arange(length)[None]
             with torch.no_grad():
-                for length, members in by_length.items():  # inputs of one length run as one batch
-                    batch = torch.cat([hidden[i] for i in members])
-                    positions = torch.arange(length)[None]
-                    result = layer(
-                        batch,
-                        attention_mask=_causal_mask(length),
-                        position_ids=positions,
-                        position_embeddings=self.rotary(batch, positions),
-                    )
-                    for row, i in enumerate(members):
-                        out[i] = result[row : row + 1]
-            return [out[i] for i in range(len(hidden))]
+                result = layer(
+                    batch,
+                    attention_mask=_causal_mask(length),
+                    position_ids=positions,
+                    position_embeddings=self.rotary(batch, positions),
+                )
+            return [result[row : row + 1, : lengths[row]] for row in range(len(hidden))]
         finally:
             for handle in handles:
                 handle.remove()
-            layer.to("meta")  # frees this layer's float32 weights before the next is read
+            layer.to("meta")  # frees this layer's float32 norms and biases before the next is read
 
     def normed(self, side: _Checkpoint, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         """The final norm of each input's last hidden state, ``[positions, hidden]``."""

@@ -31,7 +31,7 @@ from optjob.pipeline.stage import (
     TensorStreamingTechnique,
     register,
 )
-from optjob.runtime.usage import peak_rss_mib
+from optjob.runtime.usage import PeakRss, peak_rss_mib
 from optjob.targets.catalog import InstanceSpec
 from optjob.techniques.quantize import rules
 from optjob.techniques.quantize.params import QuantizationParams, parse_params
@@ -249,10 +249,11 @@ class QuantizationTechnique(TensorStreamingTechnique):
         quantizer = tensor_stream.ShardQuantizer(config, linear_modules=linear, dtype=streaming.torch_dtype(dtype))
         clock = ctx.clock or PhaseClock()
         t0 = time.monotonic()
-        result = tensor_stream.quantize_stream(
-            shards, open_output, quantizer=quantizer, checker=checker, clock=clock, cancel=ctx.cancel,
-            events=ctx.events, total_shards=getattr(shards, "count", None),
-        )  # fmt: skip
+        with PeakRss() as stream_memory:
+            result = tensor_stream.quantize_stream(
+                shards, open_output, quantizer=quantizer, checker=checker, clock=clock, cancel=ctx.cancel,
+                events=ctx.events, total_shards=getattr(shards, "count", None),
+            )  # fmt: skip
         if result.shards > 1:
             streaming.write_index(out, result.weight_map, result.total_size)
         timings: dict[str, Any] = {"quantize_s": round(time.monotonic() - t0, 3), "phases_s": clock.seconds()}
@@ -262,6 +263,8 @@ class QuantizationTechnique(TensorStreamingTechnique):
             "quantized_modules": len(result.quantized_modules),
             "granularity": "tensor",
             "largest_quantized_tensor_mib": round(result.largest_quantized_bytes / 2**20, 1),
+            "stream_rss_at_start_mib": round(stream_memory.start_mib, 1),
+            "stream_peak_rss_above_start_mib": round(stream_memory.above_start_mib, 1),
         }
         return self._finish(stage, ctx, params, scheme, dtype, fit, details, timings, started, checker.figures)
 
