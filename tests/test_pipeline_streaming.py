@@ -230,3 +230,79 @@ def test_streaming_fetch_never_shows_a_partial_or_unchecked_file(
         assert present <= set(fetch.remotes), f"unexpected files in the source directory: {present}"
     assert {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()} == {f.path for f in result.files}
     assert not fetch.incoming.exists()
+
+
+def test_a_stop_in_the_middle_of_a_multipart_upload_publishes_nothing(
+    s3_bucket: S3Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stop arrives after the first part of a shard went up: the job ends cancelled, the open multipart
+    upload is aborted, the parts already sent are gone, and the prefix holds nothing."""
+    from optjob.errors import JobCancelled
+    from optjob.storage.tensorstream.multipart import MultipartObjectWriter
+    from optjob.testing import build_tiny_llama
+
+    model = build_tiny_llama(tmp_path / "big", hidden=1024, intermediate=4096, layers=2, heads=8, kv_heads=4,
+                             vocab=2048, shards=2, train_steps=0)  # fmt: skip
+    assert max(p.stat().st_size for p in model.glob("*.safetensors")) > 20 << 20  # several 8 MiB parts
+    s3_bucket.upload_dir(model, "model")
+    cancel = CancelToken()
+    sent: list[int] = []
+    real = MultipartObjectWriter._upload_part
+
+    def part_then_stop(self: MultipartObjectWriter, number: int, body: bytes) -> str:
+        etag = real(self, number, body)
+        sent.append(number)
+        assert s3_bucket.multipart_uploads("out/")  # the upload is open while parts go up
+        cancel.cancel("StopOptimizationJob")
+        return etag
+
+    monkeypatch.setattr(MultipartObjectWriter, "_upload_part", part_then_stop)
+    plan = _plan("stop-mid-part", s3_bucket.uri("model/"), s3_bucket.uri("out/"))
+    with pytest.raises(JobCancelled):
+        run_plan(plan, work_dir=tmp_path / "work", job_arn=ARN.format(plan.job_name), cancel=cancel)
+    assert sent
+    assert s3_bucket.keys("out/") == []
+    assert s3_bucket.multipart_uploads("out/") == []
+    assert not (tmp_path / "work").exists()
+
+
+def _published_tensors(bucket: S3Bucket, prefix: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    tensors: dict[str, torch.Tensor] = {}
+    for key in bucket.keys(prefix):
+        if key.endswith(".safetensors"):
+            tensors.update(load(bucket.client.get_object(Bucket=bucket.name, Key=key)["Body"].read()))
+    return tensors
+
+
+@pytest.mark.parametrize("scheme", ["FP8_DYNAMIC", "FP8_BLOCK"])
+def test_weights_quantized_in_row_blocks_equal_the_whole_tensor_result(
+    s3_bucket: S3Bucket, sharded_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheme: str
+) -> None:
+    """The tensor path quantizes big weights a block of rows at a time; the published tensors must be
+    exactly those of the shard-at-a-time path, which quantizes each weight whole like oneshot."""
+    import optjob.techniques.quantize.tensor_stream as tensor_stream
+
+    s3_bucket.upload_dir(sharded_model, "model")
+    monkeypatch.setenv("OPTJOB_STREAM_GRANULARITY", "file")
+    tag = scheme.lower().replace("_", "-")
+    _run(_plan(f"whole-{tag}", s3_bucket.uri("model/"), s3_bucket.uri("whole/"), scheme), tmp_path / "a")
+    monkeypatch.setenv("OPTJOB_STREAM_GRANULARITY", "tensor")
+    monkeypatch.setattr(tensor_stream, "BLOCK_BYTES", 32 * 1024)  # 128 rows of the 256-row gate and up weights
+    outcome = _run(_plan(f"rows-{tag}", s3_bucket.uri("model/"), s3_bucket.uri("rows/"), scheme), tmp_path / "b")
+    assert outcome.metrics["1:Quantization"]["engine_details"]["weights_quantized_in_row_blocks"] == 4 * 2
+    whole, rows = _published_tensors(s3_bucket, "whole/"), _published_tensors(s3_bucket, "rows/")
+    assert sorted(whole) == sorted(rows)
+    for name, tensor in whole.items():
+        assert rows[name].dtype == tensor.dtype and rows[name].shape == tensor.shape, name
+        assert torch.equal(rows[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
+    figures = [_manifest_of(s3_bucket, p)["metrics"]["1:Quantization"]["verification"]["per_tensor"]
+               for p in ("whole/", "rows/")]  # fmt: skip
+    assert figures[0]["quantized_tensors"] == figures[1]["quantized_tensors"] == 4 * 7
+    assert figures[1]["max_rel_error"] == pytest.approx(figures[0]["max_rel_error"], rel=1e-4)
+    assert figures[1]["min_cosine"] == pytest.approx(figures[0]["min_cosine"], rel=1e-6)
+
+
+def _manifest_of(bucket: S3Bucket, prefix: str) -> dict:
+    return json.loads(bucket.client.get_object(Bucket=bucket.name, Key=f"{prefix}{MANIFEST_NAME}")["Body"].read())

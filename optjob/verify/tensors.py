@@ -280,31 +280,44 @@ def _block_sums(blocks: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[fl
     so the sums are built a block at a time (BLAS dot products, exact enough per 4 M-element block)
     and peak memory stays at a few blocks. A block that is unchanged costs one dot product.
     """
-    err = ref = out = dot = 0.0
-    buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    sums = BlockSums()
     for d, s in blocks:
+        sums.add(d, s)
+    return sums.result()
+
+
+class BlockSums:
+    """The running sums behind ``_block_sums``, for callers that get their blocks one at a time."""
+
+    def __init__(self) -> None:
+        self.err = self.ref = self.out = self.dot = 0.0
+        # Reused for every block: fresh 16 MB temporaries per block cost page faults and, with
+        # the workers' allocator setting, an mmap each (verification ran ~1.7x slower).
+        self._buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def add(self, d: torch.Tensor, s: torch.Tensor) -> None:
         n = s.numel()
-        if buffers is None or buffers[0].numel() < n:
-            # Reused for every block: fresh 16 MB temporaries per block cost page faults and, with
-            # the workers' allocator setting, an mmap each (verification ran ~1.7x slower).
-            buffers = (torch.empty(n), torch.empty(n), torch.empty(n))
-        bs, bd, delta = (buf[:n] for buf in buffers)
+        if self._buffers is None or self._buffers[0].numel() < n:
+            self._buffers = (torch.empty(n), torch.empty(n), torch.empty(n))
+        bs, bd, delta = (buf[:n] for buf in self._buffers)
         bs.copy_(s.reshape(-1))
         if d.dtype == s.dtype and torch.equal(d, s):
             same = float(torch.dot(bs, bs))
-            ref, out, dot = ref + same, out + same, dot + same
-            continue
+            self.ref, self.out, self.dot = self.ref + same, self.out + same, self.dot + same
+            return
         bd.copy_(d.reshape(-1))
         torch.sub(bd, bs, out=delta)
-        err += float(torch.dot(delta, delta))
-        ref += float(torch.dot(bs, bs))
-        out += float(torch.dot(bd, bd))
-        dot += float(torch.dot(bd, bs))
-    if err == 0.0:
-        return 0.0, 1.0
-    rel = math.sqrt(err) / max(math.sqrt(ref), 1e-30)
-    cos = dot / max(math.sqrt(out) * math.sqrt(ref), 1e-30)
-    return (rel if math.isfinite(rel) else math.inf), (cos if math.isfinite(cos) else -1.0)
+        self.err += float(torch.dot(delta, delta))
+        self.ref += float(torch.dot(bs, bs))
+        self.out += float(torch.dot(bd, bd))
+        self.dot += float(torch.dot(bd, bs))
+
+    def result(self) -> tuple[float, float]:
+        if self.err == 0.0:
+            return 0.0, 1.0
+        rel = math.sqrt(self.err) / max(math.sqrt(self.ref), 1e-30)
+        cos = self.dot / max(math.sqrt(self.out) * math.sqrt(self.ref), 1e-30)
+        return (rel if math.isfinite(rel) else math.inf), (cos if math.isfinite(cos) else -1.0)
 
 
 def _compare_stored(output: CheckpointReader, source: CheckpointReader, name: str) -> tuple[float, float] | None:
@@ -473,9 +486,20 @@ class StreamChecker:
 
     def quantized(self, module: str, stored: dict[str, torch.Tensor], source: torch.Tensor) -> None:
         """``stored``: the module's output tensors by full name (``<module>.weight_scale``, ...)."""
+        rel, cos = _compare_tensor(self.decode(module, stored), source, self.figures.mode)  # type: ignore[arg-type]
+        self.record(module, rel, cos)
+
+    def decode(self, module: str, stored: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The dequantized weight (or block of rows) from the module's stored tensors."""
         prefix = f"{module}."
-        local = {name[len(prefix) :]: value for name, value in stored.items() if name.startswith(prefix)}
-        rel, cos = _compare_tensor(self._decode(local), source, self.figures.mode)  # type: ignore[arg-type]
+        return self._decode({name[len(prefix) :]: value for name, value in stored.items() if name.startswith(prefix)})
+
+    def add_block(self, sums: BlockSums, module: str, stored: dict[str, torch.Tensor], source: torch.Tensor) -> None:
+        """One block of rows of a weight quantized a block at a time (direct comparison only)."""
+        decoded = self.decode(module, stored)
+        sums.add(decoded.reshape(source.shape), source)
+
+    def record(self, module: str, rel: float, cos: float) -> None:
         figures = self.figures
         figures.quantized_tensors += 1
         self._total_rel += rel
@@ -484,9 +508,8 @@ class StreamChecker:
         figures.min_cosine = min(figures.min_cosine, cos)
         figures.mean_rel_error = self._total_rel / figures.quantized_tensors
 
-    def unquantized(self, name: str, output: torch.Tensor | None = None, source: torch.Tensor | None = None) -> None:
-        """A tensor left unquantized: compared when cast (``output``/``source`` given), else identical."""
-        rel = 0.0 if output is None or source is None else _compare_direct(output, source)[0]
+    def unquantized(self, name: str, *, rel: float = 0.0) -> None:
+        """A tensor left unquantized: ``rel`` is its error when it was cast (0 when copied byte for byte)."""
         self.figures.unquantized_tensors += 1
         if rel >= self.figures.unquantized_max_rel_error:
             self.figures.unquantized_max_rel_error, self.figures.unquantized_worst_tensor = rel, name

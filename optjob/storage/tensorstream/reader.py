@@ -247,6 +247,32 @@ class TensorBytes:
             at += len(piece)
         return out.view(torch_dtype(self.span.dtype)).reshape(self.span.shape)
 
+    def blocks(self, block_bytes: int) -> Iterator[torch.Tensor]:
+        """The tensor's bytes in consecutive blocks of ``block_bytes`` (the last may be shorter), each
+        a fresh flat tensor of the tensor's dtype: a block of rows when ``block_bytes`` is a multiple
+        of a row. Nothing but the block in hand is kept, so any tensor streams in bounded memory."""
+        from optjob.storage.safetensors_io import torch_dtype
+
+        dtype = torch_dtype(self.span.dtype)
+        left, pieces = self.span.nbytes, self.pieces()
+        pending = memoryview(b"")
+        while left:
+            size = min(block_bytes, left)
+            out = torch.empty(size, dtype=torch.uint8)
+            view = memoryview(out.numpy()).cast("B")
+            at = 0
+            while at < size:
+                if not len(pending):
+                    pending = next(pieces)
+                take = pending[: size - at]
+                view[at : at + len(take)] = take
+                at += len(take)
+                pending = pending[len(take) :]
+            left -= size
+            yield out.view(dtype)
+        for _ in pieces:  # the generator finishes its bookkeeping
+            pass
+
     def drain(self) -> None:
         if not self._used:
             self._used = True

@@ -263,6 +263,7 @@ class QuantizationTechnique(TensorStreamingTechnique):
             "quantized_modules": len(result.quantized_modules),
             "granularity": "tensor",
             "largest_quantized_tensor_mib": round(result.largest_quantized_bytes / 2**20, 1),
+            "weights_quantized_in_row_blocks": result.blockwise_weights,
             "stream_rss_at_start_mib": round(stream_memory.start_mib, 1),
             "stream_peak_rss_above_start_mib": round(stream_memory.above_start_mib, 1),
         }
