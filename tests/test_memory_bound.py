@@ -77,19 +77,22 @@ def test_a_streaming_job_fits_its_budget_under_a_memory_limit_and_fails_clearly_
                                  s3_bucket, tmp_path, 4096)  # fmt: skip
     assert result.returncode == 0 and kills == 0, result.stderr[-3000:]
     stage = _manifest(s3_bucket, "loose/")["metrics"]["1:Quantization"]
-    libraries = stage["streaming"]["memory"]["rss_before_mib"]
-    assert stage["streaming"]["memory"]["limit_mib"] == 4096
-    assert stage["peak_rss_mib"] - libraries < budget  # the stream's own growth stays under the budget
+    memory = stage["streaming"]["memory"]
+    assert memory["limit_mib"] == 4096
+    # In use when the stream starts: the supervisor process and this worker's libraries (anonymous memory).
+    in_use = memory["limit_mib"] - memory["headroom_mib"]
+    assert in_use >= memory["rss_before_mib"] * 0.8
+    assert stage["engine_details"]["stream_peak_rss_above_start_mib"] < budget  # the stream's growth
 
-    # Libraries + budget + room for the interpreter's own slack: completes, never killed.
-    tight = int(libraries + budget + 160)
+    # What is in use + budget + room for the gate and the interpreter's slack: completes, never killed.
+    tight = int(in_use + budget + 160)
     result, kills = _run_limited(_spec(tmp_path, "tight", s3_bucket.uri("model/"), s3_bucket.uri("tight/")),
                                  s3_bucket, tmp_path, tight)  # fmt: skip
     assert result.returncode == 0 and kills == 0, (tight, result.stderr[-3000:])
     assert _manifest(s3_bucket, "tight/")["metrics"]["1:Quantization"]["verification"]["passed"]
 
     # Below the budget: a clear FAILED before any work, not a SIGKILL, and nothing published.
-    low = int(libraries + budget // 3)
+    low = int(in_use + budget // 3)
     result, kills = _run_limited(_spec(tmp_path, "low", s3_bucket.uri("model/"), s3_bucket.uri("low/")),
                                  s3_bucket, tmp_path, low)  # fmt: skip
     output = result.stdout + result.stderr

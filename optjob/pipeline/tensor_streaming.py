@@ -33,7 +33,7 @@ from optjob.pipeline.plan import Plan
 from optjob.pipeline.stage import StageContext, TensorStreamingTechnique
 from optjob.pipeline.streaming import open_source, weight_order
 from optjob.pipeline.transfer import ALLOW_PICKLE_ENV, SourceModel, build_manifest
-from optjob.runtime.memory_limit import cgroup_limit_bytes
+from optjob.runtime.memory_limit import cgroup_headroom_bytes
 from optjob.runtime.phases import PhaseClock
 from optjob.runtime.usage import rss_mib
 from optjob.storage.inputs import check_model_dir, check_shard_against_index
@@ -58,17 +58,20 @@ def streaming_settings() -> tuple[ReadAhead, UploadWindow, int]:
 
 
 def check_memory_limit(budget_mib: int) -> dict[str, float | None]:
-    """Fail before any work when the worker's cgroup limit leaves less than the streaming budget."""
-    limit = cgroup_limit_bytes()
+    """Fail before any work when the worker's cgroup limit leaves less than the streaming budget
+    (the cgroup's anonymous memory counts: a supervisor process beside the worker shares the limit)."""
+    found = cgroup_headroom_bytes()
     used = rss_mib()
-    if limit is not None and limit / MiB - used < budget_mib:
+    if found is not None and found[1] / MiB < budget_mib:
+        limit, headroom = found[0] / MiB, found[1] / MiB
         raise InfrastructureError(
-            f"Out of memory before starting: the worker's memory limit is {limit / MiB:.0f} MiB, its "
-            f"libraries already use {used:.0f} MiB, and streaming quantization needs {budget_mib} MiB more "
-            f"(memory_budget_mib in configs/streaming.yaml). Give the worker at least {used + budget_mib:.0f} MiB."
+            f"Out of memory before starting: the worker's memory limit is {limit:.0f} MiB, {limit - headroom:.0f} "
+            f"MiB of it is already in use (this worker's libraries: {used:.0f} MiB), and streaming quantization "
+            f"needs {budget_mib} MiB more (memory_budget_mib in configs/streaming.yaml). Give the worker at least "
+            f"{limit - headroom + budget_mib:.0f} MiB."
         )
-    return {"limit_mib": round(limit / MiB, 1) if limit is not None else None, "rss_before_mib": round(used, 1),
-            "budget_mib": budget_mib}  # fmt: skip
+    return {"limit_mib": round(found[0] / MiB, 1) if found else None, "rss_before_mib": round(used, 1),
+            "headroom_mib": round(found[1] / MiB, 1) if found else None, "budget_mib": budget_mib}  # fmt: skip
 
 
 class _Output:

@@ -14,31 +14,57 @@ _ROOT = Path("/sys/fs/cgroup")
 _UNLIMITED = 1 << 60  # v1 reports "no limit" as a page-rounded 2**63
 
 
-def cgroup_limit_bytes(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = _ROOT) -> int | None:
-    """The tightest memory limit on this process's cgroup and its ancestors, or None when unlimited."""
+def _limited_groups(proc_cgroup: Path, root: Path) -> list[tuple[int, Path, str]]:
+    """(limit, directory, stat key for anonymous memory) of every limited cgroup above this process."""
     try:
         lines = proc_cgroup.read_text().splitlines()
     except OSError:
-        return None
-    limits: list[int] = []
+        return []
+    found: list[tuple[int, Path, str]] = []
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if controllers == "":  # cgroup v2
-            base, names = (root / "unified" if (root / "unified").is_dir() else root), ("memory.max",)
+            base, name, anon = (root / "unified" if (root / "unified").is_dir() else root), "memory.max", "anon"
         elif "memory" in controllers.split(","):
-            base, names = root / "memory", ("memory.limit_in_bytes",)
+            base, name, anon = root / "memory", "memory.limit_in_bytes", "total_rss"
         else:
             continue
         here = base / path.lstrip("/")
         while True:
-            for name in names:
-                value = _read(here / name)
-                if value is not None:
-                    limits.append(value)
+            value = _read(here / name)
+            if value is not None:
+                found.append((value, here, anon))
             if here == base or base not in here.parents:
                 break
             here = here.parent
-    return min(limits) if limits else None
+    return found
+
+
+def cgroup_limit_bytes(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = _ROOT) -> int | None:
+    """The tightest memory limit on this process's cgroup and its ancestors, or None when unlimited."""
+    groups = _limited_groups(proc_cgroup, root)
+    return min(limit for limit, _, _ in groups) if groups else None
+
+
+def cgroup_headroom_bytes(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = _ROOT) -> tuple[int, int] | None:
+    """(limit, limit minus the anonymous memory already charged to that cgroup), for the tightest limit.
+
+    The whole cgroup counts, not this process: a container's supervisor or a sibling process shares
+    the limit. Page cache is left out because the kernel reclaims it before it kills anything."""
+    groups = _limited_groups(proc_cgroup, root)
+    if not groups:
+        return None
+    limit, directory, key = min(groups, key=lambda group: group[0])
+    used = 0
+    try:
+        for line in (directory / "memory.stat").read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                used = int(value)
+                break
+    except (OSError, ValueError):
+        return limit, limit
+    return limit, limit - used
 
 
 def _read(path: Path) -> int | None:
