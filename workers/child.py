@@ -29,6 +29,7 @@ from optjob.jobs.worker import load_pipeline
 from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import Event, EventSink
 from optjob.pipeline.plan import Plan
+from optjob.runtime.allocator import tune_allocator
 
 
 class Channel:
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2:
         print("usage: python -m workers.child JOB_FILE EVENTS_FD (started by optjob-worker)", file=sys.stderr)
         return 64
+    tune_allocator()  # the supervisor's setting is not inherited: mallopt is per process
     cancel = CancelToken()
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, lambda *_: cancel.cancel("stopped"))

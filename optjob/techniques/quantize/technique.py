@@ -128,25 +128,13 @@ class QuantizationTechnique(TensorStreamingTechnique):
         weights: Iterable[Path] | None,
         on_output: Callable[[Path], None] | None,
     ) -> StageResult:
-        from optjob.techniques.quantize import engines, memory, streaming
+        from optjob.techniques.quantize import engines, streaming
         from optjob.verify.gate import per_tensor_mode
         from optjob.verify.tensors import quantization_config
 
-        params = QuantizationParams(**stage.params["options"])
-        scheme: dict[str, Any] = stage.params["scheme"]
-        dtype: str = stage.params.get("dtype", "auto")
+        params, scheme, dtype, linear, fit, started = _prepare(stage, ctx)
         src, out = Path(ctx.input_dir), Path(ctx.output_dir)
-        if not (src / "config.json").is_file():
-            raise InputError(f"the model source has no config.json (looked in {src})")
-        out.mkdir(parents=True, exist_ok=True)
         timings: dict[str, float] = {}
-
-        started = time.monotonic()
-        linear = streaming.linear_module_names(src)
-        fit = memory.estimate(src, params, ctx.target, linear_modules=linear, ignore=params.ignore, dtype=dtype)
-        memory.check_fit(fit, ctx.target)
-        ctx.events("quantize", "preflight", 0.0, f"fits: {fit.per_accelerator_gib:.2f} GiB per accelerator")
-        ctx.cancel.raise_if_cancelled()
 
         texts = None
         if scheme["calibration"]:
@@ -224,25 +212,14 @@ class QuantizationTechnique(TensorStreamingTechnique):
         """Data-free schemes, a tensor at a time: output headers planned up front, each weight
         quantized and checked in memory as its bytes arrive, output bytes uploaded as produced."""
         from optjob.runtime.phases import PhaseClock
-        from optjob.techniques.quantize import memory, streaming, tensor_stream
+        from optjob.techniques.quantize import streaming, tensor_stream
         from optjob.verify.gate import per_tensor_mode
         from optjob.verify.tensors import StreamChecker, quantization_config
 
         if stage.engine != "streaming":
             raise InputError(f"the {stage.engine} engine needs the whole model; it cannot run tensor by tensor")
-        params = QuantizationParams(**stage.params["options"])
-        scheme: dict[str, Any] = stage.params["scheme"]
-        dtype: str = stage.params.get("dtype", "auto")
+        params, scheme, dtype, linear, fit, started = _prepare(stage, ctx)
         src, out = Path(ctx.input_dir), Path(ctx.output_dir)
-        if not (src / "config.json").is_file():
-            raise InputError(f"the model source has no config.json (looked in {src})")
-        out.mkdir(parents=True, exist_ok=True)
-        started = time.monotonic()
-        linear = streaming.linear_module_names(src)
-        fit = memory.estimate(src, params, ctx.target, linear_modules=linear, ignore=params.ignore, dtype=dtype)
-        memory.check_fit(fit, ctx.target)
-        ctx.events("quantize", "preflight", 0.0, f"fits: {fit.per_accelerator_gib:.2f} GiB per accelerator")
-        ctx.cancel.raise_if_cancelled()
 
         config = streaming.prepare_output_dir(src, out, preset=scheme["preset"], ignore=params.ignore, dtype=dtype)
         checker = StreamChecker(quantization_config(out), per_tensor_mode(scheme["verify_key"]))
@@ -325,3 +302,25 @@ class QuantizationTechnique(TensorStreamingTechnique):
             warnings=[*stage.warnings, *report.notes],
             serving_properties=dict(stage.serving_properties),
         )
+
+
+def _prepare(
+    stage: PlannedStage, ctx: StageContext
+) -> tuple[QuantizationParams, dict[str, Any], str, set[str], Any, float]:
+    """Parameters, scheme, dtype, the Linear modules and the memory pre-flight, shared by every engine."""
+    from optjob.techniques.quantize import memory, streaming
+
+    params = QuantizationParams(**stage.params["options"])
+    scheme: dict[str, Any] = stage.params["scheme"]
+    dtype: str = stage.params.get("dtype", "auto")
+    src, out = Path(ctx.input_dir), Path(ctx.output_dir)
+    if not (src / "config.json").is_file():
+        raise InputError(f"the model source has no config.json (looked in {src})")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    linear = streaming.linear_module_names(src)
+    fit = memory.estimate(src, params, ctx.target, linear_modules=linear, ignore=params.ignore, dtype=dtype)
+    memory.check_fit(fit, ctx.target)
+    ctx.events("quantize", "preflight", 0.0, f"fits: {fit.per_accelerator_gib:.2f} GiB per accelerator")
+    ctx.cancel.raise_if_cancelled()
+    return params, scheme, dtype, linear, fit, started
