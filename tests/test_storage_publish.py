@@ -20,7 +20,6 @@ JOB = {"job_name": "opt-1", "job_arn": "arn:aws:sagemaker:us-east-1:123456789012
 SMALL_PARTS = S3Settings(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, max_concurrency=4)
 
 
-
 @pytest.fixture
 def output(tmp_path: Path) -> Path:
     out = write_tiny_model(tmp_path / "out")
@@ -60,7 +59,9 @@ def test_layout_manifest_last_and_sha256(s3_bucket: S3Bucket, output: Path) -> N
     assert s3_bucket.keys("jobs/opt-1/") == sorted([f"jobs/opt-1/{rel}" for rel in local]
                                                     + ["jobs/opt-1/optjob-manifest.json"])  # fmt: skip
     assert writes[-1] == "jobs/opt-1/optjob-manifest.json"
-    assert sorted(writes[:-1]) == [f"jobs/opt-1/{rel}" for rel in local]
+    # The claim first (a rerun of the job after a crash may take the prefix back), the manifest last.
+    assert writes[0] == "jobs/opt-1/optjob-progress.json"
+    assert sorted(writes[1:-1]) == [f"jobs/opt-1/{rel}" for rel in local]
     stored = json.loads(
         s3_bucket.client.get_object(Bucket=s3_bucket.name, Key="jobs/opt-1/optjob-manifest.json")["Body"].read()
     )
@@ -171,3 +172,25 @@ def test_json_and_file_helpers(s3_bucket: S3Bucket, tmp_path: Path) -> None:
     digest = publish_file(path, s3_bucket.uri("jobs/x/f.bin"))
     head = s3_bucket.client.head_object(Bucket=s3_bucket.name, Key="jobs/x/f.bin")
     assert head["Metadata"]["sha256"] == digest == hashlib.sha256(b"x" * 1000).hexdigest()
+
+
+def test_a_rerun_takes_back_the_prefix_its_dead_attempt_left_and_nobody_else_does(
+    s3_bucket: S3Bucket, output: Path
+) -> None:
+    """A worker killed mid-publish leaves files and its claim; the same job run again may publish there
+    (leftovers it does not reuse are deleted), another job may not."""
+    from optjob.storage.publish import Publisher
+
+    dead = Publisher(s3_bucket.uri("p/"), job_name="opt-1", job_arn=JOB["job_arn"], kms_key_id=None)
+    dead.open()  # writes the claim; then the process "dies" after one file
+    dead.upload("partial.bin", next(p for p in output.rglob("*") if p.is_file()))
+    assert "p/optjob-progress.json" in s3_bucket.keys("p/")
+
+    other = {"job_name": "opt-2", "job_arn": JOB["job_arn"].replace("opt-1", "opt-2")}
+    with pytest.raises(InputError, match="that no optjob job published"):
+        publish_model(output, s3_bucket.uri("p/"), manifest=other, kms_key_id=None)
+
+    result = publish_model(output, s3_bucket.uri("p/"), manifest=dict(JOB), kms_key_id=None)
+    keys = {key[len("p/") :] for key in s3_bucket.keys("p/")}
+    assert keys == {f.path for f in result.files} | {"optjob-manifest.json"}  # no claim, no leftover
+    assert "partial.bin" not in keys

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from optjob.config_files import load_config
-from optjob.errors import InfrastructureError
+from optjob.errors import InfrastructureError, JobFailed
 from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import EventSink
 from optjob.pipeline.outcome import RunOutcome
@@ -37,12 +37,13 @@ from optjob.runtime.memory_limit import cgroup_headroom_bytes
 from optjob.runtime.phases import PhaseClock
 from optjob.runtime.usage import rss_mib
 from optjob.storage.inputs import check_model_dir, check_shard_against_index
-from optjob.storage.publish import Publisher
+from optjob.storage.progress import FinishedUnit, Progress, ProgressLog, fingerprint
+from optjob.storage.publish import Publisher, sse_args
 from optjob.storage.s3 import MiB, S3Settings
-from optjob.storage.source import FetchedFile, FetchedModel
+from optjob.storage.source import FetchedFile, FetchedModel, RemoteFile
 from optjob.storage.stream import StreamingFetch
 from optjob.storage.tensorstream.header import ShardHeader
-from optjob.storage.tensorstream.multipart import MultipartObjectWriter, UploadWindow
+from optjob.storage.tensorstream.multipart import MultipartObjectWriter, UploadWindow, WrittenObject
 from optjob.storage.tensorstream.reader import ReadAhead, RemoteShard
 from optjob.storage.tensorstream.writer import PlannedShardWriter
 
@@ -75,16 +76,20 @@ def check_memory_limit(budget_mib: int) -> dict[str, float | None]:
 
 
 class _Output:
-    """An output shard being streamed to S3 (and spooled locally); final once ``close`` returns."""
+    """An output shard being streamed to S3 (and spooled locally); final once ``close`` returns, and
+    then recorded as a finished unit, so an attempt that dies later does not redo it."""
 
     def __init__(self, rel: str, header: ShardHeader, upload: MultipartObjectWriter, publisher: Publisher,
-                 spool: Path) -> None:  # fmt: skip
-        self.rel, self.upload, self.publisher, self.spool = rel, upload, publisher, spool
+                 spool: Path, progress: ProgressLog) -> None:  # fmt: skip
+        self.rel, self.upload, self.publisher, self.spool, self.progress = rel, upload, publisher, spool, progress
         self.writer = PlannedShardWriter(header, upload, what=f"output {rel}")
 
-    def close(self) -> None:
+    def close(self, record: dict[str, Any] | None = None) -> None:
+        """``record``: the stage's account of this file, handed back to it if a later attempt resumes."""
         self.writer.check_complete()
-        self.publisher.record_streamed(self.rel, self.upload.close(), self.spool)
+        written = self.upload.close()
+        self.publisher.record_streamed(self.rel, written, self.spool)
+        self.progress.record(FinishedUnit(path=self.rel, size=written.size, sha256=written.sha256, stage=record or {}))
 
     def abort(self) -> None:
         self.upload.abort()
@@ -94,15 +99,17 @@ class _SourceShards:
     """The source weight files as streams, in index order; ``files`` fills in as each is read to the end."""
 
     def __init__(self, fetch: StreamingFetch, weights: list[str], weight_map: dict[str, str], source_dir: Path,
-                 read_ahead: ReadAhead, clock: PhaseClock, cancel: CancelToken, events: EventSink) -> None:  # fmt: skip
+                 read_ahead: ReadAhead, clock: PhaseClock, cancel: CancelToken, events: EventSink,
+                 resume: _Resume) -> None:  # fmt: skip
         self.fetch, self.weights, self.weight_map = fetch, weights, weight_map
         self.source_dir, self.read_ahead, self.clock, self.cancel, self.events = (
             source_dir, read_ahead, clock, cancel, events)  # fmt: skip
+        self.resume = resume
         self.count = len(weights)
         self.files: list[FetchedFile] = []
         self.bytes_done = 0
 
-    def __iter__(self) -> Iterator[RemoteShard]:
+    def __iter__(self) -> Iterator[RemoteShard | FinishedUnit]:
         total = sum(self.fetch.size(rel) for rel in self.weights) or 1
         for number, rel in enumerate(self.weights, 1):
             remote = self.fetch.remotes[rel]
@@ -110,7 +117,11 @@ class _SourceShards:
                                 cancel=self.cancel, clock=self.clock, spool=self.source_dir / rel)  # fmt: skip
             try:
                 check_shard_against_index(self.weight_map, rel, {span.name: span for span in shard.header.spans})
-                yield shard
+                finished = self.resume.reuse(rel)
+                if finished is not None:  # the source is still read: its spool feeds the end-to-end check
+                    for item in shard.tensors():
+                        item.drain()
+                yield finished if finished is not None else shard
                 digest = shard.finish()
             finally:
                 shard.close()
@@ -120,6 +131,59 @@ class _SourceShards:
             self.events("download", "file", self.bytes_done / total,
                         f"{number}/{self.count} weight files, {self.bytes_done / MiB:.0f} of {total / MiB:.0f} MiB",
                         bytes_done=self.bytes_done, bytes_total=total)  # fmt: skip
+
+
+class _Resume:
+    """Finished units an earlier attempt of this job recorded, re-checked before they are reused."""
+
+    def __init__(self, publisher: Publisher, progress: ProgressLog, out_dir: Path, read_ahead: ReadAhead,
+                 clock: PhaseClock, cancel: CancelToken, events: EventSink) -> None:  # fmt: skip
+        self.publisher, self.progress, self.out_dir = publisher, progress, out_dir
+        self.read_ahead, self.clock, self.cancel, self.events = read_ahead, clock, cancel, events
+        previous = publisher.previous
+        self.units: dict[str, FinishedUnit] = {}
+        if previous is not None and previous.fingerprint == progress.progress.fingerprint:
+            self.units = dict(previous.units)
+            events("resume", "found", None, f"attempt {progress.progress.attempt}: an earlier attempt finished "
+                   f"{len(self.units)} output file(s); each is re-checked (sha256) before it is reused")  # fmt: skip
+        elif previous is not None and previous.units and previous.fingerprint:
+            events("resume", "restart", None, "an earlier attempt left finished files, but the source, the plan or "
+                   "the library versions changed since: starting clean", level="warning")  # fmt: skip
+        elif previous is not None:
+            events("resume", "restart", None, "an earlier attempt of this job left its output unfinished with "
+                   "nothing to reuse: starting clean")  # fmt: skip
+        self.reused: list[str] = []
+
+    def reuse(self, rel: str) -> FinishedUnit | None:
+        """The unit for ``rel`` once its object is read back (into the local spool) and matches its
+        recorded size and sha256; None when there is none or it does not match (then it is redone)."""
+        unit = self.units.get(rel)
+        if unit is None:
+            return None
+        client, location = self.publisher.client, self.publisher.location
+        try:
+            head = client.head_object(Bucket=location.bucket, Key=location.child(rel).key)
+            remote = RemoteFile(location.child(rel).key, rel, int(head["ContentLength"]), head["ETag"], unit.sha256)
+            reader = RemoteShard(client, location.bucket, remote, read_ahead=self.read_ahead, cancel=self.cancel,
+                                 clock=self.clock, spool=self.out_dir / rel)  # fmt: skip
+            try:
+                for item in reader.tensors():
+                    item.drain()
+                reader.finish()  # raises when the bytes do not match the recorded sha256
+            finally:
+                reader.close()
+        except (JobFailed, KeyError, ValueError) as exc:
+            self.events("resume", "redo", None, f"{rel}: not reused ({exc}); quantizing it again", level="warning")
+            return None
+        except Exception as exc:  # e.g. the object is gone
+            self.events("resume", "redo", None, f"{rel}: not reused ({type(exc).__name__}); quantizing it again")
+            return None
+        written = WrittenObject(location.child(rel).key, unit.size, unit.sha256)
+        self.publisher.record_streamed(rel, written, self.out_dir / rel)
+        self.progress.record(unit)
+        self.reused.append(rel)
+        self.events("resume", "reused", None, f"{rel}: finished by an earlier attempt, sha256 re-checked, reused")
+        return unit
 
 
 def run_tensor_streaming(
@@ -151,13 +215,19 @@ def run_tensor_streaming(
     )  # fmt: skip
     try:
         weight_map = open_source(plan, fetch, source_dir, small, weights, publisher)
-        shards = _SourceShards(fetch, weights, weight_map, source_dir, read_ahead, clock, cancel, events)
+        identity = fingerprint([(r.rel, r.etag, r.size) for r in fetch.remotes.values()], plan.model_dump(mode="json"))
+        attempt = publisher.previous.attempt + 1 if publisher.previous is not None else 1
+        progress = ProgressLog(publisher.client, publisher.location,
+                               Progress(job_arn=job_arn, fingerprint=identity, attempt=attempt),
+                               extra_args=sse_args(plan.output.kms_key_id))  # fmt: skip
+        resume = _Resume(publisher, progress, out_dir, read_ahead, clock, cancel, events)
+        shards = _SourceShards(fetch, weights, weight_map, source_dir, read_ahead, clock, cancel, events, resume)
 
         def open_output(rel: str, header: ShardHeader) -> _Output:
             spool = out_dir / rel
             upload = publisher.stream_object(rel, expected_bytes=header.file_bytes, window=window, clock=clock,
                                              spool=spool)  # fmt: skip
-            return _Output(rel, header, upload, publisher, spool)
+            return _Output(rel, header, upload, publisher, spool, progress)
 
         ctx = StageContext(
             job_name=plan.job_name, input_dir=source_dir, output_dir=out_dir, work_dir=work_dir,
@@ -179,7 +249,7 @@ def run_tensor_streaming(
         result.metrics.setdefault("streaming", {}).update(
             {"granularity": "tensor", "phases_s": clock.seconds(), "memory": memory,
              "read_ahead_mib": read_ahead.window // MiB, "upload_part_mib": window.part // MiB,
-             "uploads_in_flight": window.in_flight})  # fmt: skip
+             "uploads_in_flight": window.in_flight, "attempt": attempt, "resumed_files": resume.reused})  # fmt: skip
         warnings = list(dict.fromkeys([*plan.all_warnings, *result.warnings]))
         manifest = build_manifest(plan, job_arn, SourceModel(path=source_dir, fetched=fetched), metrics, warnings)
         published = publisher.commit(out_dir, manifest)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 MANIFEST_NAME = "optjob-manifest.json"
 STATUS_NAME = "optjob-status.json"
-RESERVED_NAMES = frozenset({MANIFEST_NAME, STATUS_NAME})
+PROGRESS_NAME = "optjob-progress.json"  # finished units of an unfinished job (storage/progress.py)
+RESERVED_NAMES = frozenset({MANIFEST_NAME, STATUS_NAME, PROGRESS_NAME})
 SHA256_METADATA = "sha256"
 """User-metadata key (``x-amz-meta-sha256``) holding each published object's hex sha256: unlike
 S3's own checksums it describes the whole object even when it was uploaded in parts."""

@@ -11,6 +11,7 @@ an overwrite removes the old manifest *first* so the prefix never claims to be a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -31,9 +32,11 @@ from optjob.storage.hashing import sha256_file, sha256_files
 from optjob.storage.layout import (
     MANIFEST_FORMAT_VERSION,
     MANIFEST_NAME,
+    PROGRESS_NAME,
     RESERVED_NAMES,
     SHA256_METADATA,
 )
+from optjob.storage.progress import Progress, ProgressLog, read_progress
 from optjob.storage.s3 import MiB, S3Client, S3Settings, make_client, storage_error
 from optjob.storage.tensorstream.multipart import MultipartObjectWriter, UploadWindow, WrittenObject
 from optjob.storage.transfer import TransferTask, run_transfers
@@ -221,6 +224,15 @@ def _rollback(client: S3Client, location: S3Location, keys: set[str], events: Ev
         events(STAGE, "rollback", None, f"removed {len(keys)} objects and aborted multipart uploads")
 
 
+def _abort_multipart_uploads(client: S3Client, location: S3Location) -> None:
+    try:
+        uploads = client.list_multipart_uploads(Bucket=location.bucket, Prefix=location.prefix)
+        for upload in uploads.get("Uploads", []):
+            client.abort_multipart_upload(Bucket=location.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+    except Exception as exc:
+        raise storage_error(exc, "clean up", location.uri) from exc
+
+
 def _existing_owner(client: S3Client, location: S3Location, keys: list[str]) -> dict[str, Any] | None:
     manifest_key = location.child(MANIFEST_NAME).key
     if manifest_key not in keys:
@@ -291,6 +303,7 @@ class Publisher:
         self._upload_seconds = 0.0
         self._opened = False
         self._streamed: set[str] = set()
+        self.previous: Progress | None = None  # an earlier attempt's record of finished units, if any
 
     @property
     def manifest_key(self) -> str:
@@ -301,11 +314,29 @@ class Publisher:
             return {self.location.child(rel).key for rel in self._uploaded}
 
     def open(self) -> None:
-        """Check the prefix may be written (not another job's model, not foreign files)."""
+        """Check the prefix may be written (not another job's model, not foreign files).
+
+        Files left by an earlier attempt of this same job that died before cleaning up (its
+        ``optjob-progress.json`` names this job) are ours: they are kept for ``previous`` to offer
+        for resuming, and whatever this attempt does not reuse is deleted at ``commit``."""
         self._existing_keys = _list_keys(self.client, self.location)
         self._existing = _existing_owner(self.client, self.location, self._existing_keys)
-        _check_destination(self.location, self._existing_keys, self._existing, self.job_arn, self.overwrite)
+        if self._existing is None and self.location.child(PROGRESS_NAME).key in self._existing_keys:
+            found = read_progress(self.client, self.location)
+            if found is not None and found.job_arn == self.job_arn:
+                self.previous = found
+                _abort_multipart_uploads(self.client, self.location)  # the dead attempt's unfinished parts
+                with self._lock:  # ours from here on: removed by a rollback, replaced or deleted by commit
+                    for key in self._existing_keys:
+                        rel = key[len(self.location.prefix) :]
+                        if rel not in RESERVED_NAMES:
+                            self._uploaded.setdefault(rel, (ManifestFile(path=rel, size=0, sha256="0" * 64), -1))
+        if self.previous is None:
+            _check_destination(self.location, self._existing_keys, self._existing, self.job_arn, self.overwrite)
         self._opened = True  # from here on the prefix is ours to write (and to clean up)
+        if self.previous is None:  # claim it: if this process dies, a rerun of the job may take it back
+            ProgressLog(self.client, self.location, Progress(job_arn=self.job_arn, fingerprint=""),
+                        extra_args=sse_args(self.kms_key_id)).save()  # fmt: skip
         if self._existing is not None:
             owner = self._existing.get("job_name", "a previous job")
             self.events(STAGE, "replace", None, f"replacing the model of {owner}")
@@ -422,6 +453,8 @@ class Publisher:
         ).model_dump(mode="json")
         self.cancel.raise_if_cancelled()
         put_json(self.location.child(MANIFEST_NAME).uri, document, kms_key_id=self.kms_key_id, client=self.client)
+        with contextlib.suppress(Exception):  # a leftover record is harmless beside a manifest, and ignored
+            self.client.delete_object(Bucket=self.location.bucket, Key=self.location.child(PROGRESS_NAME).key)
         total = document["total_bytes"]
         self.events(STAGE, "done", 1.0, f"published {len(listed)} files ({total / MiB:.1f} MiB) to {self.location.uri}")
         return PublishResult(
@@ -440,7 +473,8 @@ class Publisher:
         """
         if not self._opened:
             return
-        _rollback(self.client, self.location, self._written_keys() | {self.manifest_key}, self.events)
+        progress = self.location.child(PROGRESS_NAME).key
+        _rollback(self.client, self.location, self._written_keys() | {self.manifest_key, progress}, self.events)
 
 
 def publish_model(

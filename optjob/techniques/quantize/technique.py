@@ -214,7 +214,7 @@ class QuantizationTechnique(TensorStreamingTechnique):
         from optjob.runtime.phases import PhaseClock
         from optjob.techniques.quantize import streaming, tensor_stream
         from optjob.verify.gate import per_tensor_mode
-        from optjob.verify.tensors import StreamChecker, quantization_config
+        from optjob.verify.tensors import StreamChecker, merge, quantization_config
 
         if stage.engine != "streaming":
             raise InputError(f"the {stage.engine} engine needs the whole model; it cannot run tensor by tensor")
@@ -222,13 +222,14 @@ class QuantizationTechnique(TensorStreamingTechnique):
         src, out = Path(ctx.input_dir), Path(ctx.output_dir)
 
         config = streaming.prepare_output_dir(src, out, preset=scheme["preset"], ignore=params.ignore, dtype=dtype)
-        checker = StreamChecker(quantization_config(out), per_tensor_mode(scheme["verify_key"]))
+        qconfig, mode = quantization_config(out), per_tensor_mode(scheme["verify_key"])
         quantizer = tensor_stream.ShardQuantizer(config, linear_modules=linear, dtype=streaming.torch_dtype(dtype))
         clock = ctx.clock or PhaseClock()
         t0 = time.monotonic()
         with PeakRss() as stream_memory:
             result = tensor_stream.quantize_stream(
-                shards, open_output, quantizer=quantizer, checker=checker, clock=clock, cancel=ctx.cancel,
+                shards, open_output, quantizer=quantizer, new_checker=lambda: StreamChecker(qconfig, mode),
+                clock=clock, cancel=ctx.cancel,
                 events=ctx.events, total_shards=getattr(shards, "count", None),
             )  # fmt: skip
         if result.shards > 1:
@@ -244,7 +245,9 @@ class QuantizationTechnique(TensorStreamingTechnique):
             "stream_rss_at_start_mib": round(stream_memory.start_mib, 1),
             "stream_peak_rss_above_start_mib": round(stream_memory.above_start_mib, 1),
         }
-        return self._finish(stage, ctx, params, scheme, dtype, fit, details, timings, started, checker.figures)
+        details["shards_reused_from_an_earlier_attempt"] = result.resumed
+        figures = merge(result.figures)
+        return self._finish(stage, ctx, params, scheme, dtype, fit, details, timings, started, figures)
 
     def _finish(
         self,

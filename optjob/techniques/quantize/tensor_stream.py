@@ -25,13 +25,14 @@ import torch
 from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import NULL_SINK, EventSink
 from optjob.runtime.phases import PhaseClock
+from optjob.storage.progress import FinishedUnit
 from optjob.storage.safetensors_io import FLOAT_DTYPES, TORCH_TO_ST, torch_dtype
 from optjob.storage.tensorstream.header import ShardHeader, build_header
 from optjob.storage.tensorstream.reader import TensorBytes
 from optjob.storage.tensorstream.writer import PlannedShardWriter
 from optjob.techniques.quantize import fp8_cpu
 from optjob.techniques.quantize.streaming import converter_for, is_ignored
-from optjob.verify.tensors import BlockSums, StreamChecker
+from optjob.verify.tensors import BlockSums, StreamChecker, TensorFigures
 
 QUANTIZE, CAST, COPY = "quantize", "cast", "copy"
 _CHECKS_AHEAD = 2
@@ -48,7 +49,7 @@ class SourceShard(Protocol):
 class OutputShard(Protocol):
     writer: PlannedShardWriter
 
-    def close(self) -> None: ...
+    def close(self, record: dict[str, Any] | None = None) -> None: ...
 
     def abort(self) -> None: ...
 
@@ -69,6 +70,8 @@ class TensorStreamResult:
     quantized_modules: list[str] = field(default_factory=list)
     largest_quantized_bytes: int = 0
     blockwise_weights: int = 0
+    resumed: int = 0
+    figures: list[TensorFigures] = field(default_factory=list)  # one per shard; merged for the gate
 
 
 class ShardQuantizer:
@@ -295,35 +298,57 @@ def _wait_check(future: Future[None], clock: PhaseClock, cancel: CancelToken) ->
 
 
 def quantize_stream(
-    shards: Iterable[SourceShard],
+    shards: Iterable[SourceShard | FinishedUnit],
     open_output: Callable[[str, ShardHeader], OutputShard],
     *,
     quantizer: ShardQuantizer,
-    checker: StreamChecker,
+    new_checker: Callable[[], StreamChecker],
     clock: PhaseClock,
     cancel: CancelToken,
     events: EventSink = NULL_SINK,
     total_shards: int | None = None,
 ) -> TensorStreamResult:
-    """Every shard: plan its output, open it, stream the tensors through, close it (upload completes)."""
+    """Every shard: plan its output, open it, stream the tensors through, close it (upload completes).
+
+    A ``FinishedUnit`` is a shard an earlier attempt of the job finished (re-checked by the runner):
+    its figures and tensor names come from the record this function left when it closed it, so the
+    gate and the index account for it without redoing it. Each shard gets its own checker, so its
+    figures can be recorded with it; the job's figures are merged from them."""
     result = TensorStreamResult()
     for number, shard in enumerate(shards, 1):
+        fraction = number / total_shards if total_shards else None
+        if isinstance(shard, FinishedUnit):
+            record = shard.stage
+            result.figures.append(TensorFigures(**record["figures"]))
+            result.weight_map.update(dict.fromkeys(record["tensors"], shard.path))
+            result.total_size += int(record["data_bytes"])
+            result.quantized_modules.extend(record["quantized_modules"])
+            result.shards += 1
+            result.resumed += 1
+            events("quantize", "shard", fraction, f"{shard.path}: finished by an earlier attempt, reused")
+            continue
         plan = quantizer.plan(shard.header)
+        checker = new_checker()
         output = open_output(shard.rel, plan.header)
         try:
-            modules = quantizer.quantize(shard, plan, output.writer, checker=checker, clock=clock, cancel=cancel)
-            output.close()
+            modules = sorted(
+                quantizer.quantize(shard, plan, output.writer, checker=checker, clock=clock, cancel=cancel)
+            )
+            output.close({
+                "figures": checker.figures.as_dict(), "tensors": [span.name for span in plan.header.spans],
+                "data_bytes": plan.header.data_bytes, "quantized_modules": modules,
+            })  # fmt: skip
         except BaseException:
             output.abort()
             raise
+        result.figures.append(checker.figures)
         result.shards += 1
         result.total_size += plan.header.data_bytes
         result.weight_map.update(dict.fromkeys((span.name for span in plan.header.spans), shard.rel))
-        result.quantized_modules.extend(sorted(modules))
+        result.quantized_modules.extend(modules)
         for span in shard.header.spans:
             if plan.actions[span.name] == QUANTIZE:
                 result.largest_quantized_bytes = max(result.largest_quantized_bytes, span.nbytes)
         result.blockwise_weights += len(plan.row_blocks)
-        fraction = number / total_shards if total_shards else None
         events("quantize", "shard", fraction, f"{shard.rel}: {len(modules)} weights quantized; {clock.summary()}")
     return result
