@@ -59,3 +59,19 @@ def bnb_saving_scrambled(original: Callable[..., Any]) -> Callable[..., Any]:
         return result
 
     return quantize
+
+
+def fp8_job_request(name: str, source: str, output: str, scheme: str = "FP8_DYNAMIC") -> dict[str, Any]:
+    """A CreateOptimizationJob request (wire shape) for a data-free FP8 job, the streaming path's job."""
+    return {
+        "OptimizationJobName": name,
+        "RoleArn": "arn:aws:iam::111122223333:role/x",
+        "ModelSource": {"S3": {"S3Uri": source}},
+        "DeploymentInstanceType": "ml.g6.12xlarge",
+        "OptimizationConfigs": [
+            {"ModelQuantizationConfig": {"OverrideEnvironment": {"OPTION_QUANTIZE": "fp8",
+                                                                 "OPTION_FP8_SCHEME": scheme}}}
+        ],
+        "OutputConfig": {"S3OutputLocation": output},
+        "StoppingCondition": {"MaxRuntimeInSeconds": 900},
+    }  # fmt: skip

@@ -20,6 +20,7 @@ import pytest
 from optjob.config_files import load_config
 from optjob.testing.memory_cgroup import MemoryCgroup
 from tests.s3server import S3Bucket
+from tests.stage_support import fp8_job_request
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -27,18 +28,7 @@ pytestmark = pytest.mark.skipif(bool(MemoryCgroup.available()), reason=str(Memor
 
 
 def _spec(tmp_path: Path, name: str, source: str, output: str) -> Path:
-    spec = {
-        "OptimizationJobName": name,
-        "RoleArn": "arn:aws:iam::111122223333:role/x",
-        "ModelSource": {"S3": {"S3Uri": source}},
-        "DeploymentInstanceType": "ml.g6.12xlarge",
-        "OptimizationConfigs": [
-            {"ModelQuantizationConfig": {"OverrideEnvironment": {"OPTION_QUANTIZE": "fp8",
-                                                                 "OPTION_FP8_SCHEME": "FP8_DYNAMIC"}}}
-        ],
-        "OutputConfig": {"S3OutputLocation": output},
-        "StoppingCondition": {"MaxRuntimeInSeconds": 900},
-    }  # fmt: skip
+    spec = fp8_job_request(name, source, output)
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(spec))
     return path

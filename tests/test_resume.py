@@ -18,23 +18,13 @@ from pathlib import Path
 
 from optjob.storage.layout import MANIFEST_NAME, PROGRESS_NAME
 from tests.s3server import S3Bucket
+from tests.stage_support import fp8_job_request
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _spec(tmp_path: Path, source: str, output: str, name: str) -> Path:
-    spec = {
-        "OptimizationJobName": name,
-        "RoleArn": "arn:aws:iam::111122223333:role/x",
-        "ModelSource": {"S3": {"S3Uri": source}},
-        "DeploymentInstanceType": "ml.g6.12xlarge",
-        "OptimizationConfigs": [
-            {"ModelQuantizationConfig": {"OverrideEnvironment": {"OPTION_QUANTIZE": "fp8",
-                                                                 "OPTION_FP8_SCHEME": "FP8_DYNAMIC"}}}
-        ],
-        "OutputConfig": {"S3OutputLocation": output},
-        "StoppingCondition": {"MaxRuntimeInSeconds": 900},
-    }  # fmt: skip
+    spec = fp8_job_request(name, source, output)
     path = tmp_path / f"{name}-{output.rstrip('/').rsplit('/', 1)[-1]}.json"
     path.write_text(json.dumps(spec))
     return path
