@@ -28,6 +28,13 @@ class Settings(BaseModel):
     max_active_jobs: int = Field(20, ge=1, description="non-terminal jobs before ResourceLimitExceeded")
     executor_slots: int = Field(1, ge=1, description="jobs that run at once on this host")
     stop_grace_s: float = Field(120.0, gt=0, description="SIGTERM-to-SIGKILL grace for a stopping job")
+    executor: Literal["local", "ray"] = Field(
+        "local", description="what runs workers: 'local' (processes on this host) or 'ray' (the cluster at RAY_ADDRESS)"
+    )
+    ray_address: str | None = Field(None, description="the Ray cluster's GCS address (RAY_ADDRESS), or 'auto'")
+    ray_node_ip: str | None = Field(
+        None, description="this host's address as Ray nodes see it (OPTJOB_RAY_NODE_IP; 127.0.0.2 on loopback)"
+    )
     role_credentials: RoleCredentials = Field(
         "ambient",
         description="where a job's S3 credentials come from: 'ambient' (optjob's own AWS credential chain, "
@@ -76,6 +83,9 @@ def load_settings(**overrides: object) -> Settings:
         ("max_active_jobs", "OPTJOB_MAX_ACTIVE_JOBS"),
         ("executor_slots", "OPTJOB_EXECUTOR_SLOTS"),
         ("stop_grace_s", "OPTJOB_STOP_GRACE_SECONDS"),
+        ("executor", "OPTJOB_EXECUTOR"),
+        ("ray_address", "RAY_ADDRESS"),
+        ("ray_node_ip", "OPTJOB_RAY_NODE_IP"),
     ):
         if env.get(var):
             values[key] = env[var]

@@ -17,7 +17,7 @@ from typer.testing import CliRunner, Result
 
 import optjob.cli.jobs  # noqa: F401  (registers the commands on the app)
 from optjob.cli import app
-from optjob.jobs.executor import worker_environment
+from optjob.jobs.environment import worker_environment
 from optjob.jobs.service import JobService
 from optjob.pipeline.run import DEBUG_DELAY_ENV
 from optjob.settings import Settings

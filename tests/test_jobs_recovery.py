@@ -23,7 +23,9 @@ import psutil
 import pytest
 
 from optjob.jobs.daemon import ExecutorLock, ensure_executor, executor_pid, hosted_executor
-from optjob.jobs.executor import Executor, is_same_process, worker_environment
+from optjob.jobs.environment import worker_environment
+from optjob.jobs.executor import Executor
+from optjob.jobs.local_backend import is_same_process
 from optjob.jobs.service import JobService
 from optjob.jobs.store import Store
 from optjob.pipeline.run import DEBUG_DELAY_ENV

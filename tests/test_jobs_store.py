@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 
 from optjob.jobs.service import JobService
-from optjob.jobs.store import Store
+from optjob.jobs.store import SCHEMA_VERSION, Store
 from optjob.settings import Settings, load_settings
 from tests.test_jobs_support import home, make_request, service, settings  # noqa: F401
 
@@ -35,7 +35,7 @@ def test_wal_mode_and_schema_version(settings: Settings) -> None:
     Store(settings.db_path)
     conn = sqlite3.connect(settings.db_path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 def _hammer(home: str, worker: int, results: multiprocessing.Queue) -> None:  # runs in a child process
@@ -64,3 +64,21 @@ def test_processes_write_concurrently_and_one_claim_wins(home: Path, service: Jo
     assert len(winners) == 1
     assert service.store.get("contended").worker_pid == winners[0]
     assert len(service.store.active()) == 81
+
+
+def test_schema_2_database_gains_the_executor_columns(service: JobService) -> None:
+    """A data directory written before the Ray executor keeps its jobs and gains executor_ref/attempts."""
+    service.create(make_request("old"))
+    db_path = service.settings.db_path
+    conn = sqlite3.connect(db_path)
+    conn.execute("ALTER TABLE jobs DROP COLUMN executor_ref")
+    conn.execute("ALTER TABLE jobs DROP COLUMN attempts")
+    conn.execute("PRAGMA user_version=2")
+    conn.commit()
+    conn.close()
+    migrated = Store(db_path)
+    columns = {row[1] for row in sqlite3.connect(db_path).execute("PRAGMA table_info(jobs)")}
+    assert {"executor_ref", "attempts"} <= columns
+    assert sqlite3.connect(db_path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    record = migrated.get("old")
+    assert (record.status, record.attempts, record.executor_ref) == ("STARTING", 0, None)

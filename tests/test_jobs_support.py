@@ -28,7 +28,8 @@ from optjob.api.errors import parse
 from optjob.api.shapes import CreateOptimizationJobRequest
 from optjob.errors import InputError
 from optjob.jobs.daemon import ExecutorLock
-from optjob.jobs.executor import Executor, is_same_process
+from optjob.jobs.executor import Executor
+from optjob.jobs.local_backend import is_same_process
 from optjob.jobs.service import JobService
 from optjob.jobs.store import JobRecord, Store
 from optjob.pipeline.cancel import CancelToken
@@ -126,8 +127,8 @@ def running_executor(settings: Settings, **kwargs: Any) -> Iterator[Executor]:
         stop.set()
         thread.join(timeout=10)
         for tracked in list(runner.workers.values()):
-            tracked.signal(signal.SIGKILL)
-            if tracked.popen is not None:
+            tracked.kill()
+            if getattr(tracked, "popen", None) is not None:
                 tracked.popen.wait(timeout=10)
 
 

@@ -17,9 +17,9 @@ from optjob.api.errors import ResourceLimitExceeded, ResourceNotFound, Validatio
 from optjob.api.principals import load_principals
 from optjob.cli import app
 from optjob.errors import InfrastructureError, InputError
-from optjob.jobs.executor import worker_environment
+from optjob.jobs.environment import worker_environment
 from optjob.jobs.service import JobService
-from optjob.jobs.store import Store
+from optjob.jobs.store import SCHEMA_VERSION, Store
 from optjob.jobs.tenancy import AccessDenied, Caller
 from optjob.secret_files import SecretFileError
 from optjob.settings import Settings, load_settings
@@ -178,7 +178,7 @@ def test_a_schema_1_database_is_migrated_in_place(settings: Settings) -> None:
         "COMPLETED",
     )
     assert record.role_source == "ambient" and service.store.get_model("m") is not None
-    assert sqlite3.connect(settings.db_path).execute("PRAGMA user_version").fetchone()[0] == 2
+    assert sqlite3.connect(settings.db_path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     Store(settings.db_path)  # opening again changes nothing
     assert service.list().optimization_job_summaries[0].optimization_job_name == "old-job"
 

@@ -33,7 +33,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from optjob.jobs.executor import Executor, worker_environment
+from optjob.jobs.environment import worker_environment
+from optjob.jobs.executor import Executor
 from optjob.jobs.store import Store
 from optjob.settings import Settings, load_settings
 

@@ -1,113 +1,104 @@
-"""The local executor: N slots, one OS process per job, real signals, time limits, recovery.
+"""The executor: the job lifecycle as a loop over the store, with whatever runs workers behind one interface.
 
 It is a loop over the store (``tick``), not a queue in memory, so whatever process records a
 change (the CLI creating or stopping a job, the HTTP server, a worker finishing) the executor
 acts on it at its next tick, and a restarted executor picks up exactly where a dead one left:
 
-* queued (STARTING, no worker) jobs start, oldest first, while a slot is free; one that waited
-  longer than MaxPendingTimeInSeconds ends FAILED with ``CapacityError: ...``;
+* queued (STARTING, no worker) jobs start, oldest first, while the backend has room; a job that no
+  worker could ever run fails at once, and one that waited longer than MaxPendingTimeInSeconds
+  (queued here, or placed but not yet started by the backend) ends FAILED with ``CapacityError: ...``;
 * an INPROGRESS job past MaxRuntimeInSeconds (counted from OptimizationStartTime) becomes
   STOPPING with stop_reason ``timeout`` and is then treated exactly like a Stop;
-* a STOPPING job's worker gets SIGTERM, then SIGKILL once the grace period has passed;
+* a STOPPING job's worker is asked to stop (SIGTERM), then killed once the grace period has passed;
 * a worker that ends without recording a result is settled from its exit status (killed by
   a signal, crashed) and its scratch directory is removed, so partial output never survives;
-* a recorded worker this process did not spawn (the previous executor's) is adopted if it is
-  still alive (checked by pid *and* start time, so a reused pid is not mistaken for it) and
-  settled if it is gone.
+  one whose *node* was lost is started again on another node while attempts remain, and the new
+  attempt resumes from the job's recorded progress;
+* a worker recorded by a previous executor is adopted if it is still running and settled if not.
 
-Workers run in their own session: Ctrl-C in the terminal of ``optjob run`` or the death of the
-executor does not kill them; only the executor's explicit signals do. Exactly one executor runs
-per data directory (``optjob.jobs.daemon`` holds the lock); this class itself takes no lock so
-tests can drive ``tick`` directly.
+Two backends sit behind ``Backend``: ``local_backend`` (OS processes on this host) and
+``ray_backend`` (one Ray actor per job on a cluster). Exactly one executor runs per data directory
+(``optjob.jobs.daemon`` holds the lock); this class itself takes no lock so tests can drive
+``tick`` directly.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-import psutil
-
-import optjob
-from optjob.api.principals import AUTH_KEYS_ENV
+from optjob.jobs.local_backend import LocalBackend
 from optjob.jobs.logs import JobLog
-from optjob.jobs.outcomes import capacity_reason, died_reason, end_stopping, fail
+from optjob.jobs.outcomes import died_reason, end_stopping, fail, node_lost_reason
 from optjob.jobs.store import JobRecord, Store, now_ms
-from optjob.jobs.worker import process_ctime
 from optjob.pipeline.scratch import discard, sweep
 from optjob.settings import Settings
-from optjob.storage.credentials import AMBIENT_CREDENTIAL_VARIABLES, ROLES_FILE_PREFIX
 
 DEFAULT_POLL_S = 0.2
 
 
-@dataclass
-class Tracked:
-    """A worker process this executor watches; ``popen`` is None for one adopted after a restart."""
+class WorkerHandle(Protocol):
+    """One running attempt of one job, as the executor sees it, whatever runs it."""
 
-    key: str  # the job's job_key
-    pid: int
-    ctime: float | None
+    key: str
     log_path: str
-    popen: subprocess.Popen[bytes] | None = None
-    term_sent_at: float | None = None
-    kill_sent_at: float | None = None
+    term_sent_at: float | None
+    kill_sent_at: float | None
 
-    def alive(self) -> bool:
-        if self.popen is not None:
-            return self.popen.poll() is None
-        return is_same_process(self.pid, self.ctime)
+    @property
+    def label(self) -> str: ...  # "worker pid 17", "Ray actor optjob-job.x.1 (worker pid 17 on node 127.0.0.2)"
 
-    def returncode(self) -> int | None:
-        return self.popen.returncode if self.popen is not None else None
+    @property
+    def who(self) -> str: ...  # for a FailureReason: "pid 17", "pid 17 on Ray node 127.0.0.2"
 
-    def signal(self, number: int) -> None:
-        try:
-            if self.popen is not None:
-                self.popen.send_signal(number)
-            elif is_same_process(self.pid, self.ctime):
-                os.kill(self.pid, number)
-        except ProcessLookupError:
-            pass
+    def owns(self, record: JobRecord) -> bool: ...  # the store still names this attempt (or none)
 
+    def alive(self) -> bool: ...
 
-def is_same_process(pid: int, ctime: float | None) -> bool:
-    """True if ``pid`` is alive, not a zombie, and (when known) started at ``ctime``."""
-    try:
-        process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return ctime is None or abs(round(process.create_time(), 2) - ctime) < 0.05
-    except psutil.Error:
-        return False
+    def returncode(self) -> int | None: ...
+
+    def lost(self) -> str | None: ...  # why the node under it is gone (the attempt may be retried)
+
+    def waiting(self) -> bool: ...  # placed but not started yet (no node had room)
+
+    def terminate(self) -> None: ...  # the graceful stop: the worker's SIGTERM path
+
+    def kill(self) -> None: ...
 
 
-def worker_environment(settings: Settings, job: JobRecord | None = None) -> dict[str, str]:
-    """The environment of a process we start: ours, pinned to this data directory, with optjob importable.
+class Backend(Protocol):
+    name: str
+    max_attempts: int
 
-    For a job's worker (``job`` given) the server's API keys are left out, and so are optjob's
-    own AWS credentials when the job's role keys come from a roles file: a job's process never
-    holds what it has no use for. (With STS the worker needs them for sts:AssumeRole alone, and
-    drops them once it holds the role's credentials.)
-    """
-    env = dict(os.environ)
-    if job is not None:
-        env.pop(AUTH_KEYS_ENV, None)
-        if job.role_source.startswith(ROLES_FILE_PREFIX):
-            for variable in AMBIENT_CREDENTIAL_VARIABLES:
-                env.pop(variable, None)
-    env["OPTJOB_HOME"] = str(settings.home)
-    root = str(Path(optjob.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    return env
+    @property
+    def slots(self) -> int | None: ...  # jobs at once, or None when the backend queues itself
+
+    def recorded(self, job: JobRecord) -> bool: ...  # the store names a worker of this backend
+
+    def infeasible(self, job: JobRecord) -> str | None: ...  # why no worker could ever run it
+
+    def pending_reason(self, job: JobRecord) -> str: ...  # the CapacityError after MaxPendingTime
+
+    def launch(self, job: JobRecord) -> WorkerHandle | None: ...  # None: the job is no longer ours
+
+    def adopt(self, job: JobRecord) -> WorkerHandle | None: ...  # None: the recorded worker is gone
+
+    def release(self, handle: WorkerHandle) -> None: ...  # free what an ended attempt still holds
+
+
+def backend_for(settings: Settings, store: Store) -> Backend:
+    """The backend ``settings.executor`` names; Ray is imported only when asked for."""
+    if settings.executor == "ray":
+        from optjob.jobs.ray_backend import RayBackend
+
+        return RayBackend(settings, store)
+    return LocalBackend(settings, store)
 
 
 class Executor:
@@ -116,14 +107,16 @@ class Executor:
         settings: Settings,
         *,
         store: Store | None = None,
+        backend: Backend | None = None,
         clock: Callable[[], float] = time.time,
         poll_s: float = DEFAULT_POLL_S,
     ) -> None:
         self.settings = settings
         self.store = store or Store(settings.db_path)
+        self.backend = backend or backend_for(settings, self.store)
         self.clock = clock
         self.poll_s = poll_s
-        self.workers: dict[str, Tracked] = {}
+        self.workers: dict[str, WorkerHandle] = {}
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -152,7 +145,7 @@ class Executor:
         queued: list[JobRecord] = []
         for job in jobs:
             tracked = self.workers.get(job.job_key)
-            if tracked is None and job.worker_pid is not None:
+            if tracked is None and self.backend.recorded(job):
                 tracked = self._adopt(job)
                 if tracked is None:
                     continue
@@ -163,54 +156,37 @@ class Executor:
                     self._signal(tracked)
                 else:
                     end_stopping(self.store, job.job_key, "stopped before a worker started; nothing ran")
-            elif job.status == "STARTING" and tracked is None:
-                queued.append(job)
-        free = self.settings.executor_slots - len(self.workers)
-        for job in queued[: max(free, 0)]:
-            self._spawn(job)
-        for job in queued[max(free, 0) :]:
-            self._check_pending(job)
+            elif tracked is None and job.worker_pid is None:
+                queued.append(job)  # never started, or an attempt whose node was lost
+            elif tracked is not None and job.status == "STARTING" and tracked.waiting():
+                self._check_pending(job, tracked)
+        slots = self.backend.slots
+        free = len(queued) if slots is None else max(slots - len(self.workers), 0)
+        for job in queued[:free]:
+            self._start(job)
+        for job in queued[free:]:
+            self._check_pending(job, None)
         return bool(jobs) or bool(self.workers)
 
     # --- starting ----------------------------------------------------------------------------
 
-    def _spawn(self, job: JobRecord) -> None:
-        out_path = Path(job.log_path).with_suffix(".out")
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(out_path, "ab") as out:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "optjob.jobs.worker", job.job_key],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=worker_environment(self.settings, job),
-                start_new_session=True,  # Ctrl-C and our own death must not reach the worker
-            )
-        ctime = process_ctime(popen.pid)
-        recorded = self.store.transition(
-            job.job_key,
-            expect=("STARTING", "STOPPING"),
-            worker_pid=popen.pid,
-            worker_ctime=ctime,
-            where_pid=(None, popen.pid),
-        )
-        if not recorded:  # another worker owns the job, or it ended meanwhile: ours must not run
-            popen.kill()
-            popen.wait()
+    def _start(self, job: JobRecord) -> None:
+        reason = self.backend.infeasible(job)
+        if reason is not None:
+            fail(self.store, job.job_key, f"CapacityError: {reason}", expect=(job.status,), category="capacity")
             return
-        self.workers[job.job_key] = Tracked(job.job_key, popen.pid, ctime, job.log_path, popen=popen)
-        JobLog(job.log_path).write("executor", "spawned", f"worker pid {popen.pid}")
+        handle = self.backend.launch(job)
+        if handle is not None:
+            self.workers[job.job_key] = handle
 
-    def _check_pending(self, job: JobRecord) -> None:
+    def _check_pending(self, job: JobRecord, tracked: WorkerHandle | None) -> None:
         if job.max_pending_s is None or self.clock() - job.creation_time < job.max_pending_s:
             return
-        fail(
-            self.store,
-            job.job_key,
-            capacity_reason(job.max_pending_s, self.settings.executor_slots),
-            expect=("STARTING",),
-            category="capacity",
-        )
+        if tracked is not None:  # placed but never started: take it back before failing the job
+            tracked.kill()
+            self.backend.release(tracked)
+            del self.workers[job.job_key]
+        fail(self.store, job.job_key, self.backend.pending_reason(job), expect=("STARTING",), category="capacity")
 
     # --- stopping ----------------------------------------------------------------------------
 
@@ -235,21 +211,21 @@ class Executor:
             )
         return self.store.get(job.job_key) or job
 
-    def _signal(self, tracked: Tracked) -> None:
+    def _signal(self, tracked: WorkerHandle) -> None:
         now = time.monotonic()
         log = JobLog(tracked.log_path)
         grace = self.settings.stop_grace_s
         if tracked.term_sent_at is None:
             tracked.term_sent_at = now
-            tracked.signal(signal.SIGTERM)
-            log.write("executor", "SIGTERM", f"sent SIGTERM to worker pid {tracked.pid}; {grace:g} s grace")
+            tracked.terminate()
+            log.write("executor", "SIGTERM", f"sent SIGTERM to {tracked.label}; {grace:g} s grace")
         elif tracked.kill_sent_at is None and now - tracked.term_sent_at >= grace:
             tracked.kill_sent_at = now
-            tracked.signal(signal.SIGKILL)
+            tracked.kill()
             log.write(
                 "executor",
                 "SIGKILL",
-                f"worker pid {tracked.pid} still running after {grace:g} s; sent SIGKILL",
+                f"{tracked.label} still running after {grace:g} s; sent SIGKILL",
                 level="warning",
             )
 
@@ -261,26 +237,32 @@ class Executor:
                 del self.workers[key]
                 self._settle(tracked, tracked.returncode())
 
-    def _adopt(self, job: JobRecord) -> Tracked | None:
+    def _adopt(self, job: JobRecord) -> WorkerHandle | None:
         """A worker recorded by a previous executor: watch it if alive, settle its job if not."""
-        assert job.worker_pid is not None
-        tracked = Tracked(job.job_key, job.worker_pid, job.worker_ctime, job.log_path)
-        if tracked.alive():
+        tracked = self.backend.adopt(job)
+        if tracked is not None and tracked.alive():
             self.workers[job.job_key] = tracked
-            JobLog(job.log_path).write("executor", "adopted", f"watching worker pid {job.worker_pid} again")
+            JobLog(job.log_path).write("executor", "adopted", f"watching {tracked.label} again")
             return tracked
-        self._settle(tracked, None)
+        if tracked is not None:
+            self._settle(tracked, tracked.returncode())
+        else:
+            self._settle_unknown(job)
         return None
 
-    def _settle(self, tracked: Tracked, returncode: int | None) -> None:
-        """The worker is gone: remove its scratch space and end the job if it did not."""
+    def _settle(self, tracked: WorkerHandle, returncode: int | None) -> None:
+        """The worker is gone: remove its scratch space, retry a lost node's attempt, end the job if it did not."""
+        self.backend.release(tracked)
         record = self.store.get(tracked.key)
-        if record is not None and record.worker_pid not in (None, tracked.pid):
+        if record is not None and not tracked.owns(record):
             return  # not ours (another worker owns the job now)
         discard(self.settings.work_root / tracked.key)  # a dead worker's scratch; deleted in the background
         log = JobLog(tracked.log_path)
+        lost = tracked.lost()
         if returncode is not None:
-            log.write("executor", "exited", f"worker pid {tracked.pid} exited with status {returncode}")
+            log.write("executor", "exited", f"{tracked.label} exited with status {returncode}")
+        elif lost:
+            log.write("executor", "node lost", f"{tracked.label}: {lost}", level="warning")
         if record is None or record.terminal:
             return
         if record.status == "STOPPING":
@@ -289,13 +271,44 @@ class Executor:
             else:
                 note = "worker ended; partial output discarded"
             end_stopping(self.store, tracked.key, note)
-        else:
-            last = _last_line(Path(tracked.log_path).with_suffix(".out"))
+        elif lost and record.attempts < self.backend.max_attempts:
+            self._retry(record, lost)
+        elif lost:
             fail(
                 self.store,
                 tracked.key,
-                died_reason(returncode, tracked.pid, last_output=last),
+                node_lost_reason(lost, record.attempts, self.backend.max_attempts),
                 category="infrastructure",
+            )
+        else:
+            last = _last_line(Path(tracked.log_path).with_suffix(".out"))
+            reason = died_reason(returncode, tracked.who, last_output=last)
+            fail(self.store, tracked.key, reason, category="infrastructure")
+
+    def _settle_unknown(self, job: JobRecord) -> None:
+        """The store names a worker the backend no longer knows at all: it ended while nobody watched."""
+        discard(self.settings.work_root / job.job_key)
+        if job.status == "STOPPING":
+            end_stopping(self.store, job.job_key, "worker ended while no executor watched; partial output discarded")
+        else:
+            fail(self.store, job.job_key, died_reason(None, job.executor_ref or "unknown"), category="infrastructure")
+
+    def _retry(self, record: JobRecord, lost: str) -> None:
+        """Hand the job back to the queue for another node; its progress lets the next attempt resume."""
+        if self.store.transition(
+            record.job_key,
+            expect=(record.status,),
+            worker_pid=None,
+            worker_ctime=None,
+            executor_ref=None,
+            where_pid=(record.worker_pid,),
+        ):
+            JobLog(record.log_path).write(
+                "executor",
+                "retrying",
+                f"attempt {record.attempts} of {self.backend.max_attempts} lost its node ({lost}); "
+                "starting another attempt, which resumes from the recorded progress",
+                level="warning",
             )
 
 

@@ -55,26 +55,39 @@ def capacity_reason(max_pending_s: float | None, slots: int) -> str:
     )
 
 
-def died_reason(returncode: int | None, pid: int, *, last_output: str = "") -> str:
-    """How a worker ended without recording a result, from its exit status (None: unknown)."""
+def died_reason(returncode: int | None, pid: int | str, *, last_output: str = "") -> str:
+    """How a worker ended without recording a result, from its exit status (None: unknown).
+
+    ``pid`` is the local worker's pid, or a phrase such as ``pid 17 on Ray node 127.0.0.2``.
+    """
+    pid = pid if isinstance(pid, str) else f"pid {pid}"
     if returncode is None:
         text = (
-            f"worker process (pid {pid}) ended while no executor was watching it (the control process "
+            f"worker process ({pid}) ended while no executor was watching it (the control process "
             f"had stopped), before it recorded a result; its exit status is unknown"
         )
     elif returncode < 0:
         number = -returncode
-        text = f"worker process (pid {pid}) was killed by signal {number} ({signal_name(number)})"
+        text = f"worker process ({pid}) was killed by signal {number} ({signal_name(number)})"
         if number == signal.SIGKILL:
             text += "; when nobody sent it, this is usually the kernel's out-of-memory killer"
     else:
-        text = f"worker process (pid {pid}) exited with code {returncode} before it recorded a result"
+        text = f"worker process ({pid}) exited with code {returncode} before it recorded a result"
     text += "; see `optjob logs` for its last progress, then create the job again"
     if returncode == -signal.SIGKILL:
         text += " (on a host with more memory if it ran out)"
     if last_output:
         text += f". Last output: {clip_words(last_output, 300)}"
     return text
+
+
+def node_lost_reason(lost: str, attempts: int, max_attempts: int) -> str:
+    """A job whose node died on its last allowed attempt."""
+    return (
+        f"the node running the job was lost on attempt {attempts} of {max_attempts}: {lost}. No attempt "
+        f"finished; the job log lists every attempt's node. Check the cluster's nodes, then create the job again "
+        f"(it resumes from the shards already uploaded only within one job: a new job starts clean)"
+    )
 
 
 def interrupted_reason() -> str:

@@ -34,7 +34,7 @@ from optjob.api.shapes import TERMINAL_STATUSES, CreateOptimizationJobRequest
 if TYPE_CHECKING:
     from optjob.pipeline.plan import Plan
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 ACTIVE_STATUSES: tuple[str, ...] = ("STARTING", "INPROGRESS", "STOPPING")
 FINAL_STATUSES: tuple[str, ...] = tuple(sorted(TERMINAL_STATUSES))
 
@@ -67,6 +67,8 @@ CREATE TABLE jobs (
     stop_requested_at  REAL,
     last_event_json    TEXT,
     role_source        TEXT NOT NULL,       -- where the worker gets RoleArn's credentials (never the secrets)
+    executor_ref       TEXT,                -- what a non-process executor runs the job as (a Ray actor's name)
+    attempts           INTEGER NOT NULL DEFAULT 0,  -- attempts started (more than one after a lost node)
     UNIQUE (account_id, region, name)
 );
 CREATE INDEX jobs_by_creation ON jobs (account_id, region, creation_time, name);
@@ -133,6 +135,8 @@ class JobRecord:
     stop_requested_at: float | None
     last_event_json: str | None
     role_source: str
+    executor_ref: str | None = None
+    attempts: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -242,6 +246,8 @@ class Store:
                 _run_script(conn, _SCHEMA)
             elif version == 1:
                 _migrate_v1(conn)
+            elif version == 2:
+                _migrate_v2(conn)
             if version < SCHEMA_VERSION:
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
@@ -393,7 +399,7 @@ def _migrate_v1(conn: sqlite3.Connection) -> None:
         conn.execute(f"DROP INDEX IF EXISTS {index}")
     conn.execute("ALTER TABLE jobs RENAME TO jobs_v1")
     _run_script(conn, _JOBS_TABLE)
-    old_columns = [c for c in JOB_COLUMNS if c not in ("job_key", "account_id", "region", "role_source")]
+    old_columns = [c for c in JOB_COLUMNS if c not in ("job_key", "account_id", "region", "role_source", *_V3_COLUMNS)]
     for row in conn.execute(f"SELECT {', '.join(old_columns)} FROM jobs_v1").fetchall():
         account_id, region = _arn_tenant(row["arn"])
         values = {"job_key": row["name"], "account_id": account_id, "region": region, "role_source": "ambient"}
@@ -453,3 +459,12 @@ def starting_record(
         last_event_json=None,
         role_source=role_source,
     )
+
+
+_V3_COLUMNS = ("executor_ref", "attempts")
+
+
+def _migrate_v2(conn: sqlite3.Connection) -> None:
+    """Schema 2 to 3: the executor's reference to a job's worker and the attempt count (for retries)."""
+    conn.execute("ALTER TABLE jobs ADD COLUMN executor_ref TEXT")
+    conn.execute("ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")

@@ -126,15 +126,15 @@ class Worker:
     # --- claiming ------------------------------------------------------------------------
 
     def _claim(self) -> bool:
-        return self.store.transition(
-            self.key,
-            expect=("STARTING",),
-            to="INPROGRESS",
-            start_time=now_ms(),
-            worker_pid=self.pid,
-            worker_ctime=process_ctime(self.pid),
-            where_pid=(None, self.pid),
-        )
+        """STARTING -> INPROGRESS with our pid; or, for a retried attempt (its node was lost), an
+        INPROGRESS job that no worker owns, keeping the first attempt's start time (MaxRuntime counts
+        from it)."""
+        me = {"worker_pid": self.pid, "worker_ctime": process_ctime(self.pid)}
+        if self.store.transition(
+            self.key, expect=("STARTING",), to="INPROGRESS", start_time=now_ms(), where_pid=(None, self.pid), **me
+        ):
+            return True
+        return self.store.transition(self.key, expect=("INPROGRESS",), where_pid=(None,), **me)
 
     def _not_claimed(self) -> int:
         record = self.store.get(self.key)
