@@ -70,6 +70,9 @@ class Settings(BaseModel):
         return self.home / "cache"
 
 
+EXECUTOR_ENV = "OPTJOB_EXECUTOR"
+
+
 def load_settings(**overrides: object) -> Settings:
     """Settings from ``OPTJOB_*`` and the standard AWS region variables; keyword overrides win."""
     env = os.environ
@@ -83,7 +86,7 @@ def load_settings(**overrides: object) -> Settings:
         ("max_active_jobs", "OPTJOB_MAX_ACTIVE_JOBS"),
         ("executor_slots", "OPTJOB_EXECUTOR_SLOTS"),
         ("stop_grace_s", "OPTJOB_STOP_GRACE_SECONDS"),
-        ("executor", "OPTJOB_EXECUTOR"),
+        ("executor", EXECUTOR_ENV),
         ("ray_address", "RAY_ADDRESS"),
         ("ray_node_ip", "OPTJOB_RAY_NODE_IP"),
     ):

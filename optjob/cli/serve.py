@@ -15,7 +15,7 @@ from optjob.api.principals import CREDENTIALS_FILE_ENV, accounts, load_principal
 from optjob.cli import app
 from optjob.jobs.daemon import hosted_executor
 from optjob.secret_files import SecretFileError
-from optjob.settings import ASSUME_ROLE_ENV, ROLES_FILE_ENV, load_settings
+from optjob.settings import ASSUME_ROLE_ENV, EXECUTOR_ENV, ROLES_FILE_ENV, load_settings
 from optjob.storage.credentials import roles_in_file
 
 # Rich markup renders the help: section headers are escaped so they print as written.
@@ -77,11 +77,20 @@ def serve(
         bool, typer.Option("--no-auth", help="Accept unsigned requests. Local development only.")
     ] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
+    executor: Annotated[
+        str | None,
+        typer.Option(
+            help="What runs the jobs: 'local' (worker processes on this host, OPTJOB_EXECUTOR_SLOTS at once) or "
+            "'ray' (one Ray actor per job on the cluster at RAY_ADDRESS, placed by the resources its stages need; "
+            "pip install 'optjob[ray]'). Default: OPTJOB_EXECUTOR, else local.",
+        ),
+    ] = None,
 ) -> None:
     """Serve CreateOptimizationJob and friends over AWS JSON 1.1 with SigV4 authentication.
 
     Point boto3 at it with boto3.client("sagemaker", endpoint_url="http://HOST:PORT") or the AWS CLI
-    with --endpoint-url; nothing else changes. Jobs created here run on this host's executor.
+    with --endpoint-url; nothing else changes. Jobs created here run on this host's executor, or on a Ray
+    cluster with --executor ray.
     """
     import uvicorn
 
@@ -103,7 +112,16 @@ def serve(
             refuse(str(exc))
     if assume_role:
         os.environ[ASSUME_ROLE_ENV] = "1"
+    if executor is not None:
+        if executor not in ("local", "ray"):
+            refuse(f"--executor must be 'local' or 'ray', not {executor!r}")
+        os.environ[EXECUTOR_ENV] = executor  # a daemon that takes over after us runs the same backend
     settings = load_settings()
+    if settings.executor == "ray" and not settings.ray_address:
+        refuse(
+            "--executor ray needs a cluster: set RAY_ADDRESS to its GCS address (what `ray start --head` prints) "
+            "or to 'auto' for a cluster started on this host"
+        )
     os.environ[AUDIT_LOG_ENV] = str(audit_log or settings.home / "audit.log")
     if no_auth:
         os.environ[NO_AUTH_ENV] = "1"
@@ -142,7 +160,9 @@ def serve(
         f'  boto3:   boto3.client("sagemaker", endpoint_url="{url}")\n'
         f"  AWS CLI: aws sagemaker list-optimization-jobs --endpoint-url {url}\n"
         f"  roles:   {roles_note}\n"
-        f"  audit:   {os.environ[AUDIT_LOG_ENV]}",
+        f"  audit:   {os.environ[AUDIT_LOG_ENV]}\n"
+        f"  runs on: "
+        + (f"the Ray cluster at {settings.ray_address}" if settings.executor == "ray" else "this host's executor"),
         markup=False,
         highlight=False,
     )
