@@ -264,7 +264,10 @@ def test_stop_racing_completion_has_exactly_one_outcome(service: JobService, set
     for index in range(30):
         name = f"race-{index}"
         service.create(make_request(name))
-        service.store.transition(name, expect=("STARTING",), to="INPROGRESS", start_time=time.time())
+        # the worker owns the job (its pid is recorded), as after its claim
+        service.store.transition(
+            name, expect=("STARTING",), to="INPROGRESS", start_time=time.time(), worker_pid=os.getpid()
+        )
         worker = Worker(settings, service.store, name, CancelToken())
         worker.log = None
         stop_result: list[str] = []

@@ -37,10 +37,12 @@ from optjob.jobs.local_backend import LocalBackend
 from optjob.jobs.logs import JobLog
 from optjob.jobs.outcomes import died_reason, end_stopping, fail, node_lost_reason
 from optjob.jobs.store import JobRecord, Store, now_ms
+from optjob.jobs.worker import attempt_work_dir
 from optjob.pipeline.scratch import discard, sweep
 from optjob.settings import Settings
 
 DEFAULT_POLL_S = 0.2
+SWEEP_INTERVAL_S = 30.0
 
 
 class WorkerHandle(Protocol):
@@ -91,6 +93,8 @@ class Backend(Protocol):
 
     def release(self, handle: WorkerHandle) -> None: ...  # free what an ended attempt still holds
 
+    def sweep(self) -> list[str]: ...  # free what attempts no job names any more still hold
+
 
 def backend_for(settings: Settings, store: Store) -> Backend:
     """The backend ``settings.executor`` names; Ray is imported only when asked for."""
@@ -117,6 +121,7 @@ class Executor:
         self.clock = clock
         self.poll_s = poll_s
         self.workers: dict[str, WorkerHandle] = {}
+        self._swept_at: float | None = None
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -142,6 +147,10 @@ class Executor:
         """One pass over the store; returns whether any job is still active."""
         self._reap()
         jobs = self.store.active()
+        if self._swept_at is None or time.monotonic() - self._swept_at >= SWEEP_INTERVAL_S:
+            self._swept_at = time.monotonic()
+            for name in self.backend.sweep():
+                print(f"optjob executor: freed {name}, an attempt of a job that has ended", file=sys.stderr, flush=True)
         queued: list[JobRecord] = []
         for job in jobs:
             tracked = self.workers.get(job.job_key)
@@ -256,9 +265,12 @@ class Executor:
         record = self.store.get(tracked.key)
         if record is not None and not tracked.owns(record):
             return  # not ours (another worker owns the job now)
-        discard(self.settings.work_root / tracked.key)  # a dead worker's scratch; deleted in the background
-        log = JobLog(tracked.log_path)
         lost = tracked.lost()
+        retrying = lost is not None and record is not None and record.status in ("STARTING", "INPROGRESS")
+        retrying = retrying and record.attempts < self.backend.max_attempts
+        if not retrying:  # a retried attempt's straggler may still be writing its own scratch: leave it
+            self._discard_scratch(tracked.key, record.attempts if record else 1)
+        log = JobLog(tracked.log_path)
         if returncode is not None:
             log.write("executor", "exited", f"{tracked.label} exited with status {returncode}")
         elif lost:
@@ -271,7 +283,7 @@ class Executor:
             else:
                 note = "worker ended; partial output discarded"
             end_stopping(self.store, tracked.key, note)
-        elif lost and record.attempts < self.backend.max_attempts:
+        elif retrying and lost:
             self._retry(record, lost)
         elif lost:
             fail(
@@ -287,11 +299,16 @@ class Executor:
 
     def _settle_unknown(self, job: JobRecord) -> None:
         """The store names a worker the backend no longer knows at all: it ended while nobody watched."""
-        discard(self.settings.work_root / job.job_key)
+        self._discard_scratch(job.job_key, job.attempts)
         if job.status == "STOPPING":
             end_stopping(self.store, job.job_key, "worker ended while no executor watched; partial output discarded")
         else:
             fail(self.store, job.job_key, died_reason(None, job.executor_ref or "unknown"), category="infrastructure")
+
+    def _discard_scratch(self, key: str, attempts: int) -> None:
+        """Every attempt's scratch directory; deleted in the background."""
+        for attempt in range(1, max(attempts, 1) + 1):
+            discard(attempt_work_dir(self.settings, key, attempt))
 
     def _retry(self, record: JobRecord, lost: str) -> None:
         """Hand the job back to the queue for another node; its progress lets the next attempt resume."""

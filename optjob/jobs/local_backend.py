@@ -144,5 +144,8 @@ class LocalBackend:
         assert job.worker_pid is not None
         return ProcessHandle(job.job_key, job.worker_pid, job.worker_ctime, job.log_path)
 
+    def sweep(self) -> list[str]:
+        return []  # an exited process holds nothing
+
     def release(self, handle: ProcessHandle) -> None:
         """Nothing to free: a process that exited holds nothing."""

@@ -142,13 +142,20 @@ def reason_problems(reason: str) -> list[str]:
 
 
 def fail(
-    store: Store, key: str, reason: str, *, expect: tuple[str, ...] = ACTIVE_STATUSES, category: str | None = None
+    store: Store,
+    key: str,
+    reason: str,
+    *,
+    expect: tuple[str, ...] = ACTIVE_STATUSES,
+    category: str | None = None,
+    where_pid: tuple[int | None, ...] | None = None,
 ) -> bool:
-    """Move the job ``key`` to FAILED with ``reason`` if its status is in ``expect``; log it if we did."""
+    """Move the job ``key`` to FAILED with ``reason`` if its status is in ``expect`` (and, with
+    ``where_pid``, its worker is one of those); log it if we did."""
     full = reason
     record = store.get(key)
     reason = clip_reason(reason, job=record.name if record else key)
-    if not store.transition(key, expect=expect, to="FAILED", failure_reason=reason):
+    if not store.transition(key, expect=expect, to="FAILED", failure_reason=reason, where_pid=where_pid):
         return False
     if record is not None:
         JobLog(record.log_path).write(

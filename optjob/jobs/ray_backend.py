@@ -281,6 +281,25 @@ class RayBackend:
             handle.started = {"pid": job.worker_pid, "node_ip": "?"}
         return handle
 
+    def sweep(self) -> list[str]:
+        """Kill job actors the store no longer names: attempts of ended jobs whose end no executor saw.
+
+        A control process that stops between a worker's end and the next poll leaves that actor
+        idle, holding its node's resources; the next executor frees it here.
+        """
+        import ray
+
+        wanted = {job.executor_ref for job in self.store.active() if job.executor_ref}
+        freed = []
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            name, namespace = entry["name"], entry["namespace"]
+            if namespace != self.rules.namespace or not name.startswith(ACTOR_PREFIX + ".") or name in wanted:
+                continue
+            with contextlib.suppress(ValueError):
+                ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+                freed.append(name)
+        return freed
+
     def release(self, handle: RayHandle) -> None:
         """An ended attempt's actor still holds its resources: free them."""
         import ray

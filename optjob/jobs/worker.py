@@ -19,9 +19,11 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -47,6 +49,12 @@ DEFAULT_PIPELINE = "optjob.pipeline.run:run_plan"
 
 EXIT_COMPLETED, EXIT_INPUT, EXIT_INFRASTRUCTURE, EXIT_INTERNAL, EXIT_STOPPED, EXIT_NOT_OURS = 0, 1, 2, 3, 4, 5
 _EVENT_STORE_INTERVAL_S = 1.0
+OWNERSHIP_CHECK_S = 0.5
+
+
+def attempt_work_dir(settings: Settings, key: str, attempt: int) -> Path:
+    """Each attempt's own scratch: a retried attempt never shares files with a straggler of the last one."""
+    return settings.work_root / (key if attempt <= 1 else f"{key}.attempt-{attempt}")
 
 
 def process_ctime(pid: int) -> float | None:
@@ -100,11 +108,12 @@ class Worker:
         if not self._claim():
             return self._not_claimed()
         self.log.write("lifecycle", "INPROGRESS", f"worker pid {self.pid} started")
+        threading.Thread(target=self._watch_ownership, name="optjob-ownership", daemon=True).start()
         try:
             pipeline = load_pipeline()
             outcome = pipeline(
                 Plan.model_validate_json(record.plan_json),
-                work_dir=self.settings.work_root / self.key,
+                work_dir=attempt_work_dir(self.settings, self.key, max(record.attempts, 1)),
                 job_arn=record.arn,
                 events=EventSink(self._on_event),
                 cancel=self.cancel,
@@ -136,6 +145,30 @@ class Worker:
             return True
         return self.store.transition(self.key, expect=("INPROGRESS",), where_pid=(None,), **me)
 
+    def _watch_ownership(self) -> None:
+        """Leave at once, touching nothing, when the job is no longer ours.
+
+        An executor that lost contact with this attempt's node hands the job to a new attempt by
+        clearing ``worker_pid``. If this attempt is in fact still running (its node was cut off,
+        not dead), it must not go on writing the output or record an outcome: the new attempt owns
+        both. Exiting without cleanup is deliberate; a rollback here would delete the new attempt's
+        progress.
+        """
+        while True:
+            time.sleep(OWNERSHIP_CHECK_S)
+            try:
+                record = self.store.get(self.key)
+            except Exception:  # noqa: BLE001 - a busy database is not a lost job
+                continue
+            if record is not None and record.worker_pid != self.pid:
+                self._write(
+                    "worker",
+                    "disowned",
+                    f"worker pid {self.pid}: another attempt owns the job now; leaving without touching it",
+                    level="warning",
+                )
+                os._exit(EXIT_NOT_OURS)
+
     def _not_claimed(self) -> int:
         record = self.store.get(self.key)
         if record is not None and record.status == "STOPPING" and record.worker_pid in (None, self.pid):
@@ -147,7 +180,11 @@ class Worker:
     def _complete(self, outcome: RunOutcome) -> int:
         # A Stop that arrives after the work was published loses: the output exists, so say so.
         done = self.store.transition(
-            self.key, expect=("INPROGRESS", "STOPPING"), to="COMPLETED", output_image=outcome.recommended_image
+            self.key,
+            expect=("INPROGRESS", "STOPPING"),
+            to="COMPLETED",
+            output_image=outcome.recommended_image,
+            where_pid=(self.pid,),
         )
         if done:
             self._write("lifecycle", "COMPLETED", "published " + ", ".join(outcome.published or ["(nothing)"]))
@@ -165,7 +202,7 @@ class Worker:
 
     def _fail(self, reason: str, *, category: str) -> None:
         """INPROGRESS -> FAILED; if a Stop or timeout got there first, that stop's outcome wins."""
-        if not fail(self.store, self.key, reason, expect=("INPROGRESS",), category=category):
+        if not fail(self.store, self.key, reason, expect=("INPROGRESS",), category=category, where_pid=(self.pid,)):
             end_stopping(self.store, self.key, f"ended while failing: {clip_reason(reason, job=self.key)}")
 
     # --- plumbing ------------------------------------------------------------------------
