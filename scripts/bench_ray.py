@@ -75,11 +75,18 @@ def start_overhead(kind: str, home: Path, env: dict[str, str], source: str, buck
 
 
 def worker_run(spec: Path, env: dict[str, str], work: Path, home: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "workers", "--spec", str(spec), "--work-dir", str(work)],
-        cwd=REPO_ROOT, env={**env, "OPTJOB_HOME": str(home)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / "worker.log", "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "workers", "--spec", str(spec), "--work-dir", str(work)],
+            cwd=REPO_ROOT, env={**env, "OPTJOB_HOME": str(home)}, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+
+def finished(proc: subprocess.Popen, home: Path) -> None:
+    if proc.wait() != 0:
+        raise SystemExit("optjob-worker failed:\n" + (home / "worker.log").read_text()[-3000:])
 
 
 def progress(client: Any, bucket: str, prefix: str) -> dict | None:
@@ -97,7 +104,7 @@ def resume_figures(tmp: Path, env: dict[str, str], client: Any, source: str, buc
 
     started = time.monotonic()
     full = worker_run(spec("full"), env, tmp / "w-full", tmp / "h-full")
-    assert full.wait() == 0, "the uninterrupted run failed"
+    finished(full, tmp / "h-full")
     full_s = time.monotonic() - started
 
     target = max(1, shards // 2)
@@ -116,7 +123,7 @@ def resume_figures(tmp: Path, env: dict[str, str], client: Any, source: str, buc
     done = sum(sizes.get(name.rsplit("/", 1)[-1], 0) for name in units)
     started = time.monotonic()
     second = worker_run(spec("cut"), env, tmp / "w-cut2", tmp / "h-cut")
-    assert second.wait() == 0, "the resumed run failed"
+    finished(second, tmp / "h-cut")
     resumed_s = time.monotonic() - started
     return {
         "full_s": round(full_s, 1), "resumed_s": round(resumed_s, 1), "ratio": round(resumed_s / full_s, 2),
@@ -124,12 +131,52 @@ def resume_figures(tmp: Path, env: dict[str, str], client: Any, source: str, buc
     }  # fmt: skip
 
 
+def median(rows: list[dict], key: str) -> float:
+    return sorted(row[key] for row in rows)[len(rows) // 2]
+
+
+def start_figures(tmp: Path, env: dict[str, str], client: Any, repeat: int) -> dict:
+    small = build_tiny_llama(tmp / "small", hidden=512, intermediate=1024, layers=4, shards=2, train_steps=0)
+    client.create_bucket(Bucket="bench")
+    small_uri = upload(client, "bench", small)
+    print("1. job-start overhead (small FP8 job, one at a time)", flush=True)
+    local = start_overhead("local", tmp / "home-local", env, small_uri, "bench", repeat)
+    with LoopbackRayCluster(tmp / "rc", {"head": {"num_cpus": 0}, "node-a": {"num_cpus": 1}}) as cluster:
+        ray = start_overhead("ray", tmp / "home-ray", {**env, **cluster.environment()}, small_uri, "bench", repeat)
+    start = {
+        "local_claim_s": median(local, "claim_s"), "ray_claim_s": median(ray, "claim_s"),
+        "local_job_s": median(local, "job_s"), "ray_job_s": median(ray, "job_s"),
+    }  # fmt: skip
+    start["ray_minus_local_claim_s"] = round(start["ray_claim_s"] - start["local_claim_s"], 2)
+    start["job_ratio_ray_over_local"] = round(start["ray_job_s"] / start["local_job_s"], 2)
+    print(f"   median Create->INPROGRESS: local {start['local_claim_s']} s, Ray {start['ray_claim_s']} s "
+          f"(+{start['ray_minus_local_claim_s']} s); "
+          f"whole job Ray/local {start['job_ratio_ray_over_local']}x")  # fmt: skip
+    return start
+
+
+def resume_section(tmp: Path, env: dict[str, str], client: Any, opts: argparse.Namespace) -> dict:
+    print(f"2. resume (optjob-worker, hidden {opts.hidden}, {opts.layers} layers, {opts.shards} shards)", flush=True)
+    model = build_tiny_llama(tmp / "model", hidden=opts.hidden, intermediate=opts.hidden * 11 // 4,
+                             layers=opts.layers, heads=16, kv_heads=8, vocab=opts.vocab, shards=opts.shards,
+                             train_steps=0)  # fmt: skip
+    client.create_bucket(Bucket="resume")
+    uri = upload(client, "resume", model)
+    resume = resume_figures(tmp, env, client, uri, "resume", opts.shards)
+    print(f"   uninterrupted {resume['full_s']} s; resumed after {resume['shards_done_before_kill']} of "
+          f"{resume['shards']} shards: {resume['resumed_s']} s = {resume['ratio']}x of a full run, with "
+          f"{resume['work_left']:.0%} of the weights left to do")  # fmt: skip
+    return resume
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--skip-start", action="store_true", help="only the resume figures")
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as scratch, run_weed_mini() as server:
         tmp = Path(scratch)
@@ -138,42 +185,9 @@ def main() -> None:
             env.pop(variable, None)
         os.environ.update(server.aws_env())
         client = server.client()
-        client.create_bucket(Bucket="bench")
-        small = build_tiny_llama(tmp / "small", hidden=512, intermediate=1024, layers=4, shards=2, train_steps=0)
-        small_uri = upload(client, "bench", small)
-
-        print("1. job-start overhead (small FP8 job, one at a time)", flush=True)
-        local = start_overhead("local", tmp / "home-local", env, small_uri, "bench", opts.repeat)
-        with LoopbackRayCluster(tmp / "rc", {"head": {"num_cpus": 0}, "node-a": {"num_cpus": 1}}) as cluster:
-            ray = start_overhead("ray", tmp / "home-ray", {**env, **cluster.environment()}, small_uri, "bench",
-                                 opts.repeat)  # fmt: skip
-
-        def median(rows: list[dict], key: str) -> float:
-            return sorted(row[key] for row in rows)[len(rows) // 2]
-
-        start = {
-            "local_claim_s": median(local, "claim_s"), "ray_claim_s": median(ray, "claim_s"),
-            "local_job_s": median(local, "job_s"), "ray_job_s": median(ray, "job_s"),
-        }  # fmt: skip
-        start["ray_minus_local_claim_s"] = round(start["ray_claim_s"] - start["local_claim_s"], 2)
-        start["job_ratio_ray_over_local"] = round(start["ray_job_s"] / start["local_job_s"], 2)
-        print(f"   median Create->INPROGRESS: local {start['local_claim_s']} s, Ray {start['ray_claim_s']} s "
-              f"(+{start['ray_minus_local_claim_s']} s); "
-              f"whole job Ray/local {start['job_ratio_ray_over_local']}x")  # fmt: skip
-
-        print(
-            f"2. resume (optjob-worker, hidden {opts.hidden}, {opts.layers} layers, {opts.shards} shards)", flush=True
-        )
-        model = build_tiny_llama(tmp / "model", hidden=opts.hidden, intermediate=opts.hidden * 11 // 4,
-                                 layers=opts.layers, heads=16, kv_heads=8, vocab=32000, shards=opts.shards,
-                                 train_steps=0)  # fmt: skip
-        client.create_bucket(Bucket="resume")
-        uri = upload(client, "resume", model)
-        resume = resume_figures(tmp, env, client, uri, "resume", opts.shards)
-        print(f"   uninterrupted {resume['full_s']} s; resumed after {resume['shards_done_before_kill']} of "
-              f"{resume['shards']} shards: {resume['resumed_s']} s = {resume['ratio']}x of a full run, with "
-              f"{resume['work_left']:.0%} of the weights left to do")  # fmt: skip
-        print(json.dumps({"start_overhead": start, "resume": resume}, indent=1))
+        figures = {} if opts.skip_start else {"start_overhead": start_figures(tmp, env, client, opts.repeat)}
+        figures["resume"] = resume_section(tmp, env, client, opts)
+        print(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":
