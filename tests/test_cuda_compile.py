@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from optjob.api.errors import ValidationException, parse
 from optjob.api.shapes import CreateOptimizationJobRequest
-from optjob.errors import InfrastructureError, InputError, VerificationFailed
+from optjob.errors import InputError, VerificationFailed
 from optjob.package.serving import read_serving_properties
 from optjob.pipeline.events import Event, EventSink
 from optjob.pipeline.plan import build_plan
@@ -176,7 +177,8 @@ def test_vllm_builds_the_model_and_loads_every_tensor(fp8_output: Path, vllm_pyt
     down_input = float(weights[f"{layer}.mlp.down_proj.input_scale"])
     assert scales[f"{layer}.mlp.down_proj.input_scale"] == pytest.approx([down_input])
     assert scales[f"{layer}.self_attn.attn.k_scale"] == pytest.approx(
-        [float(weights[f"{layer}.self_attn.k_proj.k_scale"])], rel=1e-2  # vLLM keeps it in the model dtype
+        [float(weights[f"{layer}.self_attn.k_proj.k_scale"])],
+        rel=1e-2,  # vLLM keeps it in the model dtype
     )
     fp8_sum = float(weights[f"{layer}.mlp.down_proj.weight"].float().sum())
     assert report["fp8_weights_sum"][f"{layer}.mlp.down_proj.weight"] == pytest.approx(fp8_sum)
@@ -211,12 +213,18 @@ LAYER0 = "model.layers.0"
 @pytest.mark.parametrize(
     ("change", "fragment"),
     [
-        (_drop(f"{LAYER0}.mlp.up_proj.input_scale"),
-         f"{LAYER0}.mlp.up_proj.input_scale is missing (the loaders would substitute a placeholder)"),
-        (_scale_by(f"{LAYER0}.self_attn.k_proj.k_scale", 0.0),
-         f"{LAYER0}.self_attn.k_proj.k_scale is [0.0], not finite positive scales"),
-        (_to_float32(f"{LAYER0}.input_layernorm.weight"),
-         f"{LAYER0}.input_layernorm.weight is float32, not the published bfloat16"),
+        (
+            _drop(f"{LAYER0}.mlp.up_proj.input_scale"),
+            f"{LAYER0}.mlp.up_proj.input_scale is missing (the loaders would substitute a placeholder)",
+        ),
+        (
+            _scale_by(f"{LAYER0}.self_attn.k_proj.k_scale", 0.0),
+            f"{LAYER0}.self_attn.k_proj.k_scale is [0.0], not finite positive scales",
+        ),
+        (
+            _to_float32(f"{LAYER0}.input_layernorm.weight"),
+            f"{LAYER0}.input_layernorm.weight is float32, not the published bfloat16",
+        ),
     ],
     ids=["missing-input-scale", "zero-k-scale", "wrong-dtype"],
 )
@@ -268,11 +276,14 @@ def test_no_quantization_converts_the_dtype_only(tiny_llama: Path, tmp_path: Pat
 @pytest.mark.parametrize(
     ("env", "instance", "fragment"),
     [
-        ({"OPTION_QUANTIZE": "fp8"}, "ml.g5.12xlarge",
-         "OPTION_QUANTIZE=fp8 (FP8 W8A8, per-tensor weight and activation scales, calibrated) at "
-         "'optimizationConfigs.1.member.modelCompilationConfig' needs GPUs of compute capability 8.9 or newer, and "
-         "ml.g5.12xlarge has A10G (compute capability 8.6); use one of the instance families g6, g6e, g7, g7e, p5, "
-         "p5e, p5en, p6-b200"),
+        (
+            {"OPTION_QUANTIZE": "fp8"},
+            "ml.g5.12xlarge",
+            "OPTION_QUANTIZE=fp8 (FP8 W8A8, per-tensor weight and activation scales, calibrated) at "
+            "'optimizationConfigs.1.member.modelCompilationConfig' needs GPUs of compute capability 8.9 or newer, and "
+            "ml.g5.12xlarge has A10G (compute capability 8.6); use one of the instance families g6, g6e, g7, g7e, p5, "
+            "p5e, p5en, p6-b200",
+        ),
         ({"OPTION_QUANTIZE": "nvfp4"}, "ml.p5.48xlarge", "needs GPUs of compute capability 10.0 or newer"),
         ({"OPTION_KV_CACHE_QUANT": "fp8"}, "ml.p4d.24xlarge", "OPTION_KV_CACHE_QUANT=fp8 at"),
         ({"OPTION_DTYPE": "bf16"}, "ml.g4dn.12xlarge", "has no bfloat16; use fp16"),
@@ -308,9 +319,62 @@ def test_model_rules_are_checked_when_config_json_arrives(tmp_path: Path) -> Non
     )
 
 
-def test_schemes_not_built_yet_fail_saying_so(tiny_llama: Path, tmp_path: Path) -> None:
-    with pytest.raises(InfrastructureError, match="OPTION_QUANTIZE=nvfp4 for CUDA compilation; fp8, awq, smoothquant"):
-        _run_stage(_plan({"OPTION_QUANTIZE": "nvfp4"}, instance="ml.p6-b200.48xlarge"), tiny_llama, tmp_path / "out")
+def _vllm_fp4_reading(packed: torch.Tensor, block: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """Written apart from optjob's decoder, after vLLM's NVFP4 emulation (``break_fp4_bytes`` and
+    ``dequantize_to_dtype``): low nibble first, bit 3 the sign, E2M1 magnitudes, blocks of 16."""
+    table = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+    flat = packed.flatten().tolist()
+    values = torch.tensor([table[code] for byte in flat for code in (byte & 0x0F, byte >> 4)])
+    rows = packed.shape[0]
+    values = values.reshape(rows, -1, 16) * block.float().reshape(rows, -1, 1) * global_scale.float()
+    return values.reshape(rows, -1)
+
+
+def test_an_nvfp4_compile_writes_the_layout_vllm_and_tensorrt_llm_read(tiny_llama: Path, tmp_path: Path) -> None:
+    """vLLM's ModelOptNvFp4Config and TensorRT-LLM's NVFP4 reader: ``quant_algo: NVFP4``, group 16; each linear
+    ``weight`` uint8 [out, in/2], ``weight_scale`` float8 E4M3 [out, in/16], ``weight_scale_2`` and
+    ``input_scale`` float32 per tensor; embeddings and the LM head unquantized in the source dtype."""
+    plan = _plan({"OPTION_QUANTIZE": "nvfp4", "OPTION_CALIB_SIZE": "8"}, instance="ml.p6-b200.48xlarge")
+    out = tmp_path / "out"
+    figures = _run_stage(plan, tiny_llama, out)
+    hf_quant = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
+    assert (hf_quant["quant_algo"], hf_quant["group_size"]) == ("NVFP4", 16)
+    assert "lm_head" in hf_quant["exclude_modules"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "modelopt"
+    ours, source = _tensors(out), _tensors(tiny_llama)
+    assert ours["lm_head.weight"] == source["lm_head.weight"]
+    assert ours["model.embed_tokens.weight"] == source["model.embed_tokens.weight"]
+    checked = 0
+    with (
+        safe_open(str(out / "model.safetensors"), "pt") as handle,
+        safe_open(str(next(tiny_llama.glob("*.safetensors"))), "pt") as src,
+    ):
+        for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
+            module = f"model.layers.1.{proj}"
+            rows, columns = source[f"{module}.weight"][1]
+            assert ours[f"{module}.weight"] == ("U8", [rows, columns // 2])
+            assert ours[f"{module}.weight_scale"] == ("F8_E4M3", [rows, columns // 16])
+            assert ours[f"{module}.weight_scale_2"] == ("F32", []) and ours[f"{module}.input_scale"] == ("F32", [])
+            packed = handle.get_tensor(f"{module}.weight")
+            read = _vllm_fp4_reading(
+                packed, handle.get_tensor(f"{module}.weight_scale"), handle.get_tensor(f"{module}.weight_scale_2")
+            )
+            original = src.get_tensor(f"{module}.weight").float()
+            error = (read - original).norm() / original.norm()
+            swapped = ((packed & 0x0F) << 4) | (packed >> 4)  # the other nibble order reads noise
+            wrong = _vllm_fp4_reading(
+                swapped, handle.get_tensor(f"{module}.weight_scale"), handle.get_tensor(f"{module}.weight_scale_2")
+            )
+            assert error < 0.2 < (wrong - original).norm() / original.norm(), (module, float(error))
+            checked += 1
+    assert checked == 5
+    gate = figures["verification"]
+    assert gate["passed"] and gate["per_tensor"]["quantized_tensors"] == 14
+    assert gate["e2e"]["mean_kl"] < 0.1, gate["e2e"]
+
+
+def test_an_already_quantized_source_is_refused(tiny_llama: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="already quantized"):
         model = tmp_path / "quantized"
         model.mkdir()

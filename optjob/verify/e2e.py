@@ -144,13 +144,21 @@ class _Checkpoint:
         """Model Optimizer's W8A8 schemes: each quantized linear's input, times its ``pre_quant_scale``
         where stored (SmoothQuant), is cast to FP8 E4M3 or rounded to INT8 with the checkpoint's own
         static ``input_scale``, as the serving kernels do; the smoothing is divided out again because
-        the decoded weight carries it."""
+        the decoded weight carries it. NVFP4 (W4A4) inputs are rounded to E2M1 per block of 16."""
         handles = []
         for local, module in layer.named_modules():
             full = f"{prefix}{local}"
             if not (self.decoder.is_quantized(full) and self.has(f"{full}.input_scale")):
                 continue
             scale = self.reader.get(f"{full}.input_scale").float()
+            if self.has(f"{full}.weight_scale_2"):  # NVFP4: per block of 16, relative to the static scale
+                from optjob.verify import nvfp4
+
+                def fp4(mod: torch.nn.Module, inputs: tuple[Any, ...], scale: torch.Tensor = scale) -> tuple[Any, ...]:
+                    return (nvfp4.fake_quantize_activation(inputs[0], scale), *inputs[1:])
+
+                handles.append(module.register_forward_pre_hook(fp4))
+                continue
             smooth = self.reader.get(f"{full}.pre_quant_scale").float() if self.has(f"{full}.pre_quant_scale") else None
             as_int8 = self.reader.slice(f"{full}.weight").get_dtype() == "I8"
 

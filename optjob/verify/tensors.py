@@ -181,8 +181,13 @@ def _unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
 def _modelopt_weight(reader: CheckpointReader, module: str) -> torch.Tensor:
     """The effective float weight of a Model Optimizer module: FP8 x per-tensor scale, INT8 x
     per-channel scale or INT4 x per-group scale, times the ``pre_quant_scale`` (AWQ, SmoothQuant) on
-    its input channels when it is stored."""
+    its input channels when it is stored; NVFP4 codes x block scale x tensor scale (``verify.nvfp4``)."""
     weight = reader.get(f"{module}.weight")
+    if weight.dtype == torch.uint8 and f"{module}.weight_scale_2" in reader.map:  # NVFP4
+        from optjob.verify import nvfp4
+
+        block_scale, tensor_scale = reader.get(f"{module}.weight_scale"), reader.get(f"{module}.weight_scale_2")
+        return nvfp4.dequantize_weight(weight, block_scale, tensor_scale)
     scale = reader.get(f"{module}.weight_scale").float()
     if weight.dtype == torch.float8_e4m3fn:
         dense = weight.float() * scale

@@ -5,11 +5,13 @@ with a placeholder instead of failing, so a checkpoint that lost one would load 
 Before publishing, each FP8 weight must carry a finite, positive ``weight_scale`` and
 ``input_scale``, each INT8 (SmoothQuant) weight its per-channel ``weight_scale``, ``input_scale``
 and ``pre_quant_scale``, each INT4 weight its per-group ``weight_scale`` (and its AWQ
-``pre_quant_scale`` where stored), the KV projections their ``k_scale`` / ``v_scale`` when the KV cache is FP8,
-every source tensor must be there under its own name, and every tensor left unquantized must be in
-the published dtype (and, when nothing was quantized, equal to the source). The numbers (each
-weight dequantized with its own scale, the layer-by-layer replay with FP8 inputs) are the shared
-gate's (``optjob.verify.gate``). Tensors are read one at a time, so the check works at any size.
+``pre_quant_scale`` where stored), each NVFP4 weight its E4M3 block ``weight_scale`` (one per 16
+inputs), its per-tensor ``weight_scale_2`` and ``input_scale``, and the KV projections their
+``k_scale`` / ``v_scale`` when the KV cache is FP8. Every source tensor must be there under its own
+name, and every tensor left unquantized must be in the published dtype (and, when nothing was
+quantized, equal to the source). The numbers (each weight dequantized with its own scales, the
+layer-by-layer replay with quantized inputs) are the shared gate's (``optjob.verify.gate``).
+Tensors are read one at a time, so the check works at any size.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from optjob.errors import VerificationFailed
 from optjob.verify.tensors import CheckpointReader
 
-SCALES = ("weight_scale", "input_scale", "k_scale", "v_scale", "pre_quant_scale")
+SCALES = ("weight_scale", "weight_scale_2", "input_scale", "k_scale", "v_scale", "pre_quant_scale")
 QUANTIZED = ("F8_E4M3", "I8", "U8")  # safetensors dtypes of Model Optimizer's FP8, INT8 and packed INT4 weights
 PLAIN = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
@@ -72,6 +74,20 @@ def verify_modelopt_checkpoint(
                 _scale(out, f"{module}.weight_scale", problems, shape=[rows])
                 _scale(out, f"{module}.input_scale", problems)
                 _scale(out, f"{module}.pre_quant_scale", problems, shape=[columns])
+            elif stored == "U8" and scheme == "nvfp4":  # E2M1, two input columns per byte, blocks of 16
+                counts["quantized"] += 1
+                rows, columns = src.slice(name).get_shape()
+                if list(out.slice(name).get_shape()) != [rows, columns // 2]:
+                    problems.append(
+                        f"{name} has shape {list(out.slice(name).get_shape())}, not [{rows}, {columns // 2}]"
+                    )
+                if f"{module}.weight_scale" in out.map and out.slice(f"{module}.weight_scale").get_dtype() != "F8_E4M3":
+                    problems.append(
+                        f"{module}.weight_scale is {out.slice(f'{module}.weight_scale').get_dtype()}, not F8_E4M3"
+                    )
+                _scale(out, f"{module}.weight_scale", problems, shape=[rows, columns // 16])
+                _scale(out, f"{module}.weight_scale_2", problems)
+                _scale(out, f"{module}.input_scale", problems)
             elif stored == "U8":  # INT4, two output rows per byte, one scale per group of inputs
                 counts["quantized"] += 1
                 rows, columns = src.slice(name).get_shape()
