@@ -5,6 +5,8 @@
 2. Resume: a data-free FP8 job run by ``optjob-worker`` (what a batch scheduler runs) is SIGKILLed
    once about half of its output shards are recorded, then run again; the second run's time against
    an uninterrupted run, next to the share of the work that was left.
+3. Two workers vs one: the same FP8 job on a two-node Ray cluster (one CPU each) with
+   MaxInstanceCount 1 and 2 (on a 2-core machine both nodes share the same two cores).
 
 Run: .venv/bin/python scripts/bench_ray.py [--hidden 2048 --layers 8 --shards 8 --repeat 3]
 Everything talks to loopback only: SeaweedFS started here, Ray nodes on 127.0.0.2, stopped by PID.
@@ -43,7 +45,8 @@ def upload(client: Any, bucket: str, model: Path) -> str:
     return f"s3://{bucket}/model/"
 
 
-def start_overhead(kind: str, home: Path, env: dict[str, str], source: str, bucket: str, repeat: int) -> list[dict]:
+def start_overhead(kind: str, home: Path, env: dict[str, str], source: str, bucket: str, repeat: int,
+                   instances: int = 1) -> list[dict]:  # fmt: skip
     """Jobs one after another through the real control process of ``kind``; times from the store."""
     home.mkdir(parents=True, exist_ok=True)
     env = {**env, "OPTJOB_HOME": str(home)}
@@ -56,7 +59,7 @@ def start_overhead(kind: str, home: Path, env: dict[str, str], source: str, buck
     try:
         for index in range(repeat):
             name = f"{kind}-{index}"
-            wire = fp8_job_request(name, source, f"s3://{bucket}/{name}/")
+            wire = {**fp8_job_request(name, source, f"s3://{bucket}/{name}/"), "MaxInstanceCount": instances}
             created = time.time()
             service.create(parse(CreateOptimizationJobRequest, wire))
             while (record := service.get(name)).status in ("STARTING", "INPROGRESS"):
@@ -169,6 +172,19 @@ def resume_section(tmp: Path, env: dict[str, str], client: Any, opts: argparse.N
     return resume
 
 
+def workers_section(tmp: Path, env: dict[str, str], client: Any, opts: argparse.Namespace) -> dict:
+    print("3. MaxInstanceCount 2 vs 1 on a two-node Ray cluster (one CPU per node, the same FP8 job)", flush=True)
+    uri = "s3://resume/model/"
+    nodes = {"head": {"num_cpus": 0}, "node-a": {"num_cpus": 1}, "node-b": {"num_cpus": 1}}
+    with LoopbackRayCluster(tmp / "rc2", nodes) as cluster:
+        ray_env = {**env, **cluster.environment()}
+        one = start_overhead("one", tmp / "home-w1", ray_env, uri, "resume", 1, instances=1)[0]["job_s"]
+        two = start_overhead("two", tmp / "home-w2", ray_env, uri, "resume", 1, instances=2)[0]["job_s"]
+    figures = {"one_worker_s": one, "two_workers_s": two, "speedup": round(one / two, 2)}
+    print(f"   1 worker {one} s, 2 workers {two} s: {figures['speedup']}x")
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hidden", type=int, default=2048)
@@ -187,6 +203,7 @@ def main() -> None:
         client = server.client()
         figures = {} if opts.skip_start else {"start_overhead": start_figures(tmp, env, client, opts.repeat)}
         figures["resume"] = resume_section(tmp, env, client, opts)
+        figures["workers"] = workers_section(tmp, env, client, opts)
         print(json.dumps(figures, indent=1))
 
 

@@ -195,7 +195,7 @@ def _object(bucket: S3Bucket, key: str) -> dict[str, Any] | None:
         return None
 
 
-def test_a_job_whose_node_dies_is_retried_elsewhere_and_resumes(
+def test_two_workers_split_a_job_and_a_job_whose_node_dies_is_retried_and_resumes(
     settings: Settings, cluster: LoopbackRayCluster, s3_bucket: S3Bucket, tmp_path: Path
 ) -> None:
     """Runs last in this module: it kills a node."""
@@ -208,9 +208,24 @@ def test_a_job_whose_node_dies_is_retried_elsewhere_and_resumes(
     s3_bucket.upload_dir(model, "model")
     source = s3_bucket.uri("model/")
     service = JobService(settings, start_executor=False)
+
+    def files_of(prefix: str) -> dict[str, str]:
+        return {f["path"]: f["sha256"] for f in _object(s3_bucket, f"{prefix}{MANIFEST_NAME}")["files"]}
+
     with control_process(settings, cluster):
         service.create(parse(CreateOptimizationJobRequest, fp8_job_request("clean", source, s3_bucket.uri("clean/"))))
         wait_status(service, "clean", "COMPLETED", timeout=600)
+
+        # MaxInstanceCount=2: the job's worker and one helper (a Ray task on the other node) make the shards.
+        two = {**fp8_job_request("two-workers", source, s3_bucket.uri("two/")), "MaxInstanceCount": 2}
+        service.create(parse(CreateOptimizationJobRequest, two))
+        wait_status(service, "two-workers", "COMPLETED", timeout=600)
+        workers = _object(s3_bucket, f"two/{MANIFEST_NAME}")["metrics"]["1:Quantization"]["streaming"]["workers"]
+        by_helpers = workers["shards_by_helpers"]
+        assert workers["helper_slots"] == 1 and by_helpers and not workers["helper_failures"], workers
+        primary = lines(service, "two-workers", "started")[0]
+        assert all(entry["node"].split("(node ")[1][:12] not in primary for entry in by_helpers.values()), workers
+        assert files_of("two/") == files_of("clean/")
 
         service.create(
             parse(CreateOptimizationJobRequest, fp8_job_request("lose-a-node", source, s3_bucket.uri("out/")))
@@ -239,6 +254,5 @@ def test_a_job_whose_node_dies_is_retried_elsewhere_and_resumes(
     manifest = _object(s3_bucket, f"out/{MANIFEST_NAME}")
     stage = manifest["metrics"]["1:Quantization"]
     assert stage["streaming"]["attempt"] == 2 and set(done_before) <= set(stage["streaming"]["resumed_files"])
-    files = {f["path"]: f["sha256"] for f in manifest["files"]}
-    assert files == {f["path"]: f["sha256"] for f in _object(s3_bucket, f"clean/{MANIFEST_NAME}")["files"]}
+    assert files_of("out/") == files_of("clean/")
     assert _object(s3_bucket, f"out/{PROGRESS_NAME}") is None

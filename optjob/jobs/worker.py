@@ -111,13 +111,17 @@ class Worker:
         threading.Thread(target=self._watch_ownership, name="optjob-ownership", daemon=True).start()
         try:
             pipeline = load_pipeline()
+            plan = Plan.model_validate_json(record.plan_json)
+            storage = job_storage(self.settings, record)
+            farm = self._helpers(record, plan, storage)
             outcome = pipeline(
-                Plan.model_validate_json(record.plan_json),
+                plan,
                 work_dir=attempt_work_dir(self.settings, self.key, max(record.attempts, 1)),
                 job_arn=record.arn,
                 events=EventSink(self._on_event),
                 cancel=self.cancel,
-                storage=job_storage(self.settings, record),
+                storage=storage,
+                **({"farm": farm} if farm is not None else {}),
             )
         except JobCancelled:
             return self._cancelled()
@@ -144,6 +148,25 @@ class Worker:
         ):
             return True
         return self.store.transition(self.key, expect=("INPROGRESS",), where_pid=(None,), **me)
+
+    def _helpers(self, record: JobRecord, plan: Plan, storage: S3Settings) -> Any:
+        """Helper workers for MaxInstanceCount > 1, where they pay: a tensor-streaming job on Ray."""
+        instances = record.max_instance_count or 1
+        if instances <= 1:
+            return None
+        from optjob.pipeline.stage import TensorStreamingTechnique
+        from optjob.pipeline.streaming import streaming_technique
+
+        if self.settings.executor != "ray" or not isinstance(streaming_technique(plan), TensorStreamingTechnique):
+            where = "this job's stages need the whole model" if self.settings.executor == "ray" else "no Ray cluster"
+            self._write("worker", "instances", f"MaxInstanceCount {instances}: one worker runs the job ({where})")
+            return None
+        from optjob.jobs.ray_farm import RayShardFarm
+
+        farm = RayShardFarm(self.settings, plan, job_arn=record.arn, storage=storage, instances=instances)
+        self._write("worker", "instances", f"MaxInstanceCount {instances}: this worker and up to {farm.slots} "
+                    "helper(s) on the Ray cluster make the output shards")  # fmt: skip
+        return farm
 
     def _watch_ownership(self) -> None:
         """Leave at once, touching nothing, when the job is no longer ours.

@@ -19,6 +19,7 @@ from optjob.pipeline.events import NULL_SINK, EventSink
 from optjob.pipeline.outcome import RunOutcome
 from optjob.pipeline.plan import Plan
 from optjob.pipeline.scratch import discard
+from optjob.pipeline.shard_farm import ShardFarm
 from optjob.pipeline.stage import StageContext, technique_for
 from optjob.pipeline.streaming import run_streaming, streaming_technique
 from optjob.pipeline.transfer import build_manifest, fetch_source, publish_output
@@ -87,8 +88,12 @@ def run_plan(
     events: EventSink = NULL_SINK,
     cancel: CancelToken | None = None,
     storage: S3Settings | None = None,
+    farm: ShardFarm | None = None,
 ) -> RunOutcome:
     """The whole job in this process. Raises JobFailed subclasses or JobCancelled.
+
+    ``farm``: helper workers (MaxInstanceCount > 1) for a job that streams tensor by tensor; other
+    jobs run here alone.
 
     Nothing is presented as a finished model before every stage has finished and verified: the
     manifest is written last, and a failure removes whatever was uploaded. The scratch directory
@@ -104,8 +109,9 @@ def run_plan(
         streaming = streaming_technique(plan)
         if streaming is not None:
             return run_streaming(
-                plan, streaming, job_arn=job_arn, work_dir=work_dir, events=events, cancel=cancel, storage=storage
-            )
+                plan, streaming, job_arn=job_arn, work_dir=work_dir, events=events, cancel=cancel, storage=storage,
+                farm=farm,
+            )  # fmt: skip
         source = fetch_source(plan, work_dir, settings=storage, events=events, cancel=cancel)
         final_dir, outcome = run_stages(plan, source.path, work_dir, events=events, cancel=cancel, storage=storage)
         cancel.raise_if_cancelled()

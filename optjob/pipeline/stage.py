@@ -169,6 +169,18 @@ class TensorStreamingTechnique(StreamingTechnique):
     ) -> StageResult:
         """Like ``run_streaming``, a tensor at a time."""
 
+    def run_tensor_units(
+        self,
+        stage: PlannedStage,
+        ctx: StageContext,
+        shards: Iterable[Any],
+        open_output: Callable[[str, Any], Any],
+    ) -> None:
+        """Only these shards, each closed (uploaded) with its record, and no whole-model checks: a
+        helper worker of a multi-worker job runs this; the job's own worker merges the records and
+        runs the checks. Stages that cannot split their work leave it unimplemented."""
+        raise NotImplementedError(f"{type(self).__name__} cannot split its work over several workers")
+
 
 _REGISTRY: dict[str, type[Technique]] = {}
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from optjob.errors import InputError
 from optjob.pipeline.cancel import CancelToken
@@ -90,14 +91,18 @@ def run_streaming(
     events: EventSink,
     cancel: CancelToken,
     storage: S3Settings | None,
+    farm: Any = None,
 ) -> RunOutcome:
-    """Fetch, run and publish, overlapped; raises JobFailed subclasses or JobCancelled."""
+    """Fetch, run and publish, overlapped; raises JobFailed subclasses or JobCancelled.
+
+    ``farm`` (helper workers, ``shard_farm.ShardFarm``) is used on the tensor-granular path only."""
     if isinstance(technique, TensorStreamingTechnique) and os.environ.get(GRANULARITY_ENV, "tensor") != "file":
         from optjob.pipeline.tensor_streaming import run_tensor_streaming
 
         return run_tensor_streaming(
-            plan, technique, job_arn=job_arn, work_dir=work_dir, events=events, cancel=cancel, storage=storage
-        )
+            plan, technique, job_arn=job_arn, work_dir=work_dir, events=events, cancel=cancel, storage=storage,
+            farm=farm,
+        )  # fmt: skip
     stage = plan.stages[0]
     source_dir, out_dir = work_dir / "source", work_dir / f"stage-1-{stage.optimization_type.lower()}"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -20,9 +20,9 @@ flight and removes what was uploaded.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from optjob.config_files import load_config
 from optjob.errors import InfrastructureError, JobFailed
@@ -30,6 +30,7 @@ from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import EventSink
 from optjob.pipeline.outcome import RunOutcome
 from optjob.pipeline.plan import Plan
+from optjob.pipeline.shard_farm import FarmedShards, ShardFarm
 from optjob.pipeline.stage import StageContext, TensorStreamingTechnique
 from optjob.pipeline.streaming import open_source, weight_order
 from optjob.pipeline.transfer import ALLOW_PICKLE_ENV, SourceModel, build_manifest
@@ -75,12 +76,16 @@ def check_memory_limit(budget_mib: int) -> dict[str, float | None]:
             "headroom_mib": round(found[1] / MiB, 1) if found else None, "budget_mib": budget_mib}  # fmt: skip
 
 
+class UnitRecorder(Protocol):
+    def record(self, unit: FinishedUnit) -> None: ...
+
+
 class _Output:
     """An output shard being streamed to S3 (and spooled locally); final once ``close`` returns, and
     then recorded as a finished unit, so an attempt that dies later does not redo it."""
 
     def __init__(self, rel: str, header: ShardHeader, upload: MultipartObjectWriter, publisher: Publisher,
-                 spool: Path, progress: ProgressLog) -> None:  # fmt: skip
+                 spool: Path, progress: UnitRecorder) -> None:  # fmt: skip
         self.rel, self.upload, self.publisher, self.spool, self.progress = rel, upload, publisher, spool, progress
         self.writer = PlannedShardWriter(header, upload, what=f"output {rel}")
 
@@ -95,13 +100,27 @@ class _Output:
         self.upload.abort()
 
 
+def open_shard_output(publisher: Publisher, progress: UnitRecorder, out_dir: Path, window: UploadWindow,
+                      clock: PhaseClock) -> Callable[[str, ShardHeader], _Output]:  # fmt: skip
+    """The ``open_output`` a stage gets: each output file streamed to S3, spooled, recorded when closed."""
+
+    def open_output(rel: str, header: ShardHeader) -> _Output:
+        spool = out_dir / rel
+        upload = publisher.stream_object(rel, expected_bytes=header.file_bytes, window=window, clock=clock,
+                                         spool=spool)  # fmt: skip
+        return _Output(rel, header, upload, publisher, spool, progress)
+
+    return open_output
+
+
 class _SourceShards:
     """The source weight files as streams, in index order; ``files`` fills in as each is read to the end."""
 
     def __init__(self, fetch: StreamingFetch, weights: list[str], weight_map: dict[str, str], source_dir: Path,
                  read_ahead: ReadAhead, clock: PhaseClock, cancel: CancelToken, events: EventSink,
-                 resume: _Resume) -> None:  # fmt: skip
+                 resume: _Resume, farmed: FarmedShards | None = None) -> None:  # fmt: skip
         self.fetch, self.weights, self.weight_map = fetch, weights, weight_map
+        self.farmed = farmed
         self.source_dir, self.read_ahead, self.clock, self.cancel, self.events = (
             source_dir, read_ahead, clock, cancel, events)  # fmt: skip
         self.resume = resume
@@ -118,6 +137,12 @@ class _SourceShards:
             try:
                 check_shard_against_index(self.weight_map, rel, {span.name: span for span in shard.header.spans})
                 finished = self.resume.reuse(rel)
+                if finished is None and self.farmed is not None:
+                    self.farmed.top_up(number - 1)
+                    helper = self.farmed.take(rel)
+                    if helper is not None and helper.unit is not None:
+                        made = helper.unit.model_copy(update={"made_by": helper.node})
+                        finished = self.resume.reuse(rel, made, by=f"a helper worker on {helper.node}")
                 if finished is not None:  # the source is still read: its spool feeds the end-to-end check
                     for item in shard.tensors():
                         item.drain()
@@ -143,7 +168,7 @@ class _Resume:
         previous = publisher.previous
         self.units: dict[str, FinishedUnit] = {}
         if previous is not None and previous.fingerprint == progress.progress.fingerprint:
-            self.units = dict(previous.units)
+            self.units = {rel: unit.model_copy(update={"made_by": None}) for rel, unit in previous.units.items()}
             events("resume", "found", None, f"attempt {progress.progress.attempt}: an earlier attempt finished "
                    f"{len(self.units)} output file(s); each is re-checked (sha256) before it is reused")  # fmt: skip
         elif previous is not None and previous.units and previous.fingerprint:
@@ -154,10 +179,11 @@ class _Resume:
                    "nothing to reuse: starting clean")  # fmt: skip
         self.reused: list[str] = []
 
-    def reuse(self, rel: str) -> FinishedUnit | None:
+    def reuse(self, rel: str, unit: FinishedUnit | None = None, *, by: str | None = None) -> FinishedUnit | None:
         """The unit for ``rel`` once its object is read back (into the local spool) and matches its
-        recorded size and sha256; None when there is none or it does not match (then it is redone)."""
-        unit = self.units.get(rel)
+        recorded size and sha256; None when there is none or it does not match (then it is redone).
+        ``unit`` and ``by``: a unit another worker of this attempt just made (not an earlier attempt's)."""
+        unit = unit or self.units.get(rel)
         if unit is None:
             return None
         client, location = self.publisher.client, self.publisher.location
@@ -181,8 +207,10 @@ class _Resume:
         written = WrittenObject(location.child(rel).key, unit.size, unit.sha256)
         self.publisher.record_streamed(rel, written, self.out_dir / rel)
         self.progress.record(unit)
-        self.reused.append(rel)
-        self.events("resume", "reused", None, f"{rel}: finished by an earlier attempt, sha256 re-checked, reused")
+        if by is None:
+            self.reused.append(rel)
+        self.events("resume", "reused", None,
+                    f"{rel}: finished by {by or 'an earlier attempt'}, sha256 re-checked, reused")  # fmt: skip
         return unit
 
 
@@ -195,8 +223,11 @@ def run_tensor_streaming(
     events: EventSink,
     cancel: CancelToken,
     storage: S3Settings | None,
+    farm: ShardFarm | None = None,
 ) -> RunOutcome:
-    """Fetch, run and publish a tensor at a time; raises JobFailed subclasses or JobCancelled."""
+    """Fetch, run and publish a tensor at a time; raises JobFailed subclasses or JobCancelled.
+
+    ``farm``: helper workers that make some of the output shards (``shard_farm``)."""
     stage = plan.stages[0]
     source_dir, out_dir = work_dir / "source", work_dir / f"stage-1-{stage.optimization_type.lower()}"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -213,6 +244,7 @@ def run_tensor_streaming(
         plan.output.s3_uri, job_name=plan.job_name, job_arn=job_arn, kms_key_id=plan.output.kms_key_id,
         settings=storage, events=events, cancel=cancel,
     )  # fmt: skip
+    farmed: FarmedShards | None = None
     try:
         weight_map = open_source(plan, fetch, source_dir, small, weights, publisher)
         identity = fingerprint([(r.rel, r.etag, r.size) for r in fetch.remotes.values()], plan.model_dump(mode="json"))
@@ -221,13 +253,14 @@ def run_tensor_streaming(
                                Progress(job_arn=job_arn, fingerprint=identity, attempt=attempt),
                                extra_args=sse_args(plan.output.kms_key_id))  # fmt: skip
         resume = _Resume(publisher, progress, out_dir, read_ahead, clock, cancel, events)
-        shards = _SourceShards(fetch, weights, weight_map, source_dir, read_ahead, clock, cancel, events, resume)
-
-        def open_output(rel: str, header: ShardHeader) -> _Output:
-            spool = out_dir / rel
-            upload = publisher.stream_object(rel, expected_bytes=header.file_bytes, window=window, clock=clock,
-                                             spool=spool)  # fmt: skip
-            return _Output(rel, header, upload, publisher, spool, progress)
+        if farm is not None:
+            todo = [rel for rel in weights if rel not in resume.units]
+            for rel in todo:
+                publisher.reserve(rel)  # a helper may write it: a rollback removes it too
+            farmed = FarmedShards(farm, todo, {rel: fetch.remotes[rel].etag for rel in todo}, events, cancel)
+        shards = _SourceShards(fetch, weights, weight_map, source_dir, read_ahead, clock, cancel, events, resume,
+                               farmed)  # fmt: skip
+        open_output = open_shard_output(publisher, progress, out_dir, window, clock)
 
         ctx = StageContext(
             job_name=plan.job_name, input_dir=source_dir, output_dir=out_dir, work_dir=work_dir,
@@ -250,11 +283,15 @@ def run_tensor_streaming(
             {"granularity": "tensor", "phases_s": clock.seconds(), "memory": memory,
              "read_ahead_mib": read_ahead.window // MiB, "upload_part_mib": window.part // MiB,
              "uploads_in_flight": window.in_flight, "attempt": attempt, "resumed_files": resume.reused})  # fmt: skip
+        if farmed is not None:
+            result.metrics["streaming"]["workers"] = farmed.figures()
         warnings = list(dict.fromkeys([*plan.all_warnings, *result.warnings]))
         manifest = build_manifest(plan, job_arn, SourceModel(path=source_dir, fetched=fetched), metrics, warnings)
         published = publisher.commit(out_dir, manifest)
         return RunOutcome(plan.recommended_image, warnings, metrics, [file.path for file in published.files])
     except BaseException:
+        if farmed is not None:
+            farmed.stop()
         fetch.stop()
         publisher.rollback()
         raise

@@ -42,6 +42,7 @@ class FinishedUnit(BaseModel):
     size: int
     sha256: str
     stage: dict[str, Any] = Field(default_factory=dict)
+    made_by: str | None = Field(None, description="the helper worker's node, when a helper of the job made it")
 
 
 class Progress(BaseModel):

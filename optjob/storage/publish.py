@@ -385,6 +385,13 @@ class Publisher:
             window=window, extra_args=sse_args(self.kms_key_id), cancel=self.cancel, clock=clock, spool=spool,
         )  # fmt: skip
 
+    def reserve(self, rel: str) -> None:
+        """``rel`` is being written elsewhere for this job (a helper worker): a rollback removes it too."""
+        if rel in RESERVED_NAMES:
+            raise ValueError(f"{rel} is a name publish writes itself")
+        with self._lock:
+            self._uploaded.setdefault(rel, (ManifestFile(path=rel, size=0, sha256="0" * 64), -1))
+
     def record_streamed(self, rel: str, written: WrittenObject, local: Path | None = None) -> ManifestFile:
         """Mark a streamed file final; ``commit`` lists it and, when ``local`` is unchanged, skips it."""
         entry = ManifestFile(path=rel, size=written.size, sha256=written.sha256)

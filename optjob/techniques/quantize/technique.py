@@ -246,8 +246,36 @@ class QuantizationTechnique(TensorStreamingTechnique):
             "stream_peak_rss_above_start_mib": round(stream_memory.above_start_mib, 1),
         }
         details["shards_reused_from_an_earlier_attempt"] = result.resumed
+        details["shards_made_by_helper_workers"] = result.made_by_helpers
         figures = merge(result.figures)
         return self._finish(stage, ctx, params, scheme, dtype, fit, details, timings, started, figures)
+
+    def run_tensor_units(
+        self,
+        stage: PlannedStage,
+        ctx: StageContext,
+        shards: Iterable[Any],
+        open_output: Callable[[str, Any], Any],
+    ) -> None:
+        """The shards a helper worker was given: the same planning, quantization and per-tensor
+        checks as ``run_tensor_streaming``; each record goes back to the job's worker with its shard."""
+        from optjob.runtime.phases import PhaseClock
+        from optjob.techniques.quantize import streaming, tensor_stream
+        from optjob.verify.gate import per_tensor_mode
+        from optjob.verify.tensors import StreamChecker, quantization_config
+
+        if stage.engine != "streaming":
+            raise InputError(f"the {stage.engine} engine needs the whole model; it cannot run tensor by tensor")
+        params, scheme, dtype, linear, _fit, _started = _prepare(stage, ctx)
+        config = streaming.prepare_output_dir(
+            Path(ctx.input_dir), Path(ctx.output_dir), preset=scheme["preset"], ignore=params.ignore, dtype=dtype
+        )
+        qconfig, mode = quantization_config(Path(ctx.output_dir)), per_tensor_mode(scheme["verify_key"])
+        quantizer = tensor_stream.ShardQuantizer(config, linear_modules=linear, dtype=streaming.torch_dtype(dtype))
+        tensor_stream.quantize_stream(
+            shards, open_output, quantizer=quantizer, new_checker=lambda: StreamChecker(qconfig, mode),
+            clock=ctx.clock or PhaseClock(), cancel=ctx.cancel, events=ctx.events,
+        )  # fmt: skip
 
     def _finish(
         self,

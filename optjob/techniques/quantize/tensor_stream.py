@@ -71,6 +71,7 @@ class TensorStreamResult:
     largest_quantized_bytes: int = 0
     blockwise_weights: int = 0
     resumed: int = 0
+    made_by_helpers: int = 0
     figures: list[TensorFigures] = field(default_factory=list)  # one per shard; merged for the gate
 
 
@@ -324,8 +325,12 @@ def quantize_stream(
             result.total_size += int(record["data_bytes"])
             result.quantized_modules.extend(record["quantized_modules"])
             result.shards += 1
-            result.resumed += 1
-            events("quantize", "shard", fraction, f"{shard.path}: finished by an earlier attempt, reused")
+            if shard.made_by:
+                result.made_by_helpers += 1
+                events("quantize", "shard", fraction, f"{shard.path}: made by a helper worker on {shard.made_by}")
+            else:
+                result.resumed += 1
+                events("quantize", "shard", fraction, f"{shard.path}: finished by an earlier attempt, reused")
             continue
         plan = quantizer.plan(shard.header)
         checker = new_checker()
