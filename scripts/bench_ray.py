@@ -158,13 +158,20 @@ def start_figures(tmp: Path, env: dict[str, str], client: Any, repeat: int) -> d
     return start
 
 
+def big_model(tmp: Path, client: Any, opts: argparse.Namespace) -> str:
+    """The resume and workers sections' model, built and uploaded once."""
+    if not (tmp / "model").exists():
+        model = build_tiny_llama(tmp / "model", hidden=opts.hidden, intermediate=opts.hidden * 11 // 4,
+                                 layers=opts.layers, heads=16, kv_heads=8, vocab=opts.vocab, shards=opts.shards,
+                                 train_steps=0)  # fmt: skip
+        client.create_bucket(Bucket="resume")
+        upload(client, "resume", model)
+    return "s3://resume/model/"
+
+
 def resume_section(tmp: Path, env: dict[str, str], client: Any, opts: argparse.Namespace) -> dict:
     print(f"2. resume (optjob-worker, hidden {opts.hidden}, {opts.layers} layers, {opts.shards} shards)", flush=True)
-    model = build_tiny_llama(tmp / "model", hidden=opts.hidden, intermediate=opts.hidden * 11 // 4,
-                             layers=opts.layers, heads=16, kv_heads=8, vocab=opts.vocab, shards=opts.shards,
-                             train_steps=0)  # fmt: skip
-    client.create_bucket(Bucket="resume")
-    uri = upload(client, "resume", model)
+    uri = big_model(tmp, client, opts)
     resume = resume_figures(tmp, env, client, uri, "resume", opts.shards)
     print(f"   uninterrupted {resume['full_s']} s; resumed after {resume['shards_done_before_kill']} of "
           f"{resume['shards']} shards: {resume['resumed_s']} s = {resume['ratio']}x of a full run, with "
@@ -174,14 +181,18 @@ def resume_section(tmp: Path, env: dict[str, str], client: Any, opts: argparse.N
 
 def workers_section(tmp: Path, env: dict[str, str], client: Any, opts: argparse.Namespace) -> dict:
     print("3. MaxInstanceCount 2 vs 1 on a two-node Ray cluster (one CPU per node, the same FP8 job)", flush=True)
-    uri = "s3://resume/model/"
+    uri = big_model(tmp, client, opts)
     nodes = {"head": {"num_cpus": 0}, "node-a": {"num_cpus": 1}, "node-b": {"num_cpus": 1}}
     with LoopbackRayCluster(tmp / "rc2", nodes) as cluster:
         ray_env = {**env, **cluster.environment()}
         one = start_overhead("one", tmp / "home-w1", ray_env, uri, "resume", 1, instances=1)[0]["job_s"]
         two = start_overhead("two", tmp / "home-w2", ray_env, uri, "resume", 1, instances=2)[0]["job_s"]
-    figures = {"one_worker_s": one, "two_workers_s": two, "speedup": round(one / two, 2)}
-    print(f"   1 worker {one} s, 2 workers {two} s: {figures['speedup']}x")
+    manifest = json.loads(client.get_object(Bucket="resume", Key="two-0/optjob-manifest.json")["Body"].read())
+    made = manifest["metrics"]["1:Quantization"]["streaming"]["workers"]["shards_by_helpers"]
+    figures = {"one_worker_s": one, "two_workers_s": two, "speedup": round(one / two, 2),
+               "shards_by_the_helper": len(made), "shards": opts.shards}  # fmt: skip
+    print(f"   1 worker {one} s, 2 workers {two} s: {figures['speedup']}x; the helper made {len(made)} of "
+          f"{opts.shards} shards")  # fmt: skip
     return figures
 
 
@@ -192,7 +203,8 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--skip-start", action="store_true", help="only the resume figures")
+    parser.add_argument("--skip-start", action="store_true", help="leave out section 1")
+    parser.add_argument("--skip-resume", action="store_true", help="leave out section 2")
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as scratch, run_weed_mini() as server:
         tmp = Path(scratch)
@@ -202,7 +214,8 @@ def main() -> None:
         os.environ.update(server.aws_env())
         client = server.client()
         figures = {} if opts.skip_start else {"start_overhead": start_figures(tmp, env, client, opts.repeat)}
-        figures["resume"] = resume_section(tmp, env, client, opts)
+        if not opts.skip_resume:
+            figures["resume"] = resume_section(tmp, env, client, opts)
         figures["workers"] = workers_section(tmp, env, client, opts)
         print(json.dumps(figures, indent=1))
 

@@ -27,6 +27,7 @@ from optjob.pipeline.streaming import streaming_technique
 from optjob.storage.layout import MANIFEST_NAME
 from optjob.storage.stream import StreamingFetch
 from tests.s3server import S3Bucket
+from tests.stage_support import fp8_job_request
 
 ARN = "arn:aws:sagemaker:us-east-1:000000000000:optimization-job/{}"
 
@@ -42,21 +43,7 @@ def sharded_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _plan(name: str, source: str, output: str, scheme: str = "FP8_DYNAMIC"):
-    request = parse(
-        CreateOptimizationJobRequest,
-        {
-            "OptimizationJobName": name,
-            "RoleArn": "arn:aws:iam::111122223333:role/x",
-            "ModelSource": {"S3": {"S3Uri": source}},
-            "DeploymentInstanceType": "ml.g6.12xlarge",
-            "OptimizationConfigs": [
-                {"ModelQuantizationConfig": {"OverrideEnvironment": {"OPTION_QUANTIZE": "fp8",
-                                                                     "OPTION_FP8_SCHEME": scheme}}}
-            ],
-            "OutputConfig": {"S3OutputLocation": output},
-            "StoppingCondition": {"MaxRuntimeInSeconds": 3600},
-        },
-    )  # fmt: skip
+    request = parse(CreateOptimizationJobRequest, fp8_job_request(name, source, output, scheme))
     return build_plan(request, region="us-east-1")
 
 
