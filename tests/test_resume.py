@@ -132,3 +132,45 @@ def test_leftovers_under_another_fingerprint_are_not_trusted(s3_bucket: S3Bucket
     assert stage["streaming"]["resumed_files"] == [] and stage["verification"]["passed"]
     body = s3_bucket.client.get_object(Bucket=s3_bucket.name, Key=f"out/{shard}")["Body"].read()
     assert body != b"stale" and _progress(s3_bucket, "out/") is None
+
+
+def test_a_killed_multi_stage_job_run_again_skips_the_stages_it_finished(s3_bucket: S3Bucket, tmp_path: Path) -> None:
+    """[Quantization, SpeculativeDecoding]: killed during EAGLE training, the rerun takes the quantized model
+    from optjob-staging/ (every file re-checked) instead of quantizing again, and removes the staging at publish."""
+    from optjob.testing import build_tiny_llama
+
+    s3_bucket.upload_dir(build_tiny_llama(tmp_path / "model"), "model")
+    spec = json.loads((ROOT / "configs" / "examples" / "eagle-g6-12xlarge.json").read_text())
+    fast = {"OPTION_EAGLE_MAX_SAMPLES": "96", "OPTION_EAGLE_EPOCHS": "4", "OPTION_EAGLE_MAX_SEQ_LEN": "128",
+            "OPTION_EAGLE_EVAL_PROMPTS": "6"}  # fmt: skip
+    spec.update(OptimizationJobName="two-stages", ModelSource={"S3": {"S3Uri": s3_bucket.uri("model/")}},
+                OptimizationEnvironment=fast)  # fmt: skip
+    spec["OutputConfig"]["S3OutputLocation"] = s3_bucket.uri("out/")
+    quantize = {"OverrideEnvironment": {"OPTION_QUANTIZE": "fp8", "OPTION_FP8_SCHEME": "FP8_DYNAMIC"}}
+    spec["OptimizationConfigs"].insert(0, {"ModelQuantizationConfig": quantize})
+    path = tmp_path / "two-stages.json"
+    path.write_text(json.dumps(spec))
+
+    first = _worker(path, s3_bucket, tmp_path, "first")
+    staged_unit = "optjob-staging/stage-1-quantization/"
+    deadline = time.monotonic() + 300
+    while staged_unit not in ((progress := _progress(s3_bucket, "out/")) or {}).get("units", {}):
+        assert first.poll() is None, "the job ended before its first stage was kept"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=30)
+    staged = progress["units"][staged_unit]["stage"]["files"]
+    assert any(rel.endswith(".safetensors") for rel in staged)
+
+    second = _worker(path, s3_bucket, tmp_path, "second")
+    output = second.communicate(timeout=600)[0]
+    assert second.returncode == 0, output[-3000:]
+    assert "stage-1-quantization: finished by an earlier attempt of this job" in output
+    assert "stage 1/2 via" not in output  # quantization did not run again
+    published = {f["path"]: f["sha256"] for f in _manifest(s3_bucket, "out/")["files"]}
+    for rel, (_size, sha) in staged.items():
+        if rel.endswith(".safetensors"):
+            assert published[rel] == sha, rel  # the target is the quantized model the first attempt made
+    assert _manifest(s3_bucket, "out/")["metrics"]["1:Quantization"]["verification"]["passed"]
+    assert s3_bucket.keys("out/optjob-staging/") == [] and _progress(s3_bucket, "out/") is None

@@ -22,8 +22,11 @@ from optjob.pipeline.scratch import discard
 from optjob.pipeline.shard_farm import ShardFarm
 from optjob.pipeline.stage import StageContext, technique_for
 from optjob.pipeline.streaming import run_streaming, streaming_technique
-from optjob.pipeline.transfer import build_manifest, fetch_source, publish_output
+from optjob.pipeline.transfer import SourceModel, build_manifest, fetch_source, publish_output
+from optjob.storage.progress import fingerprint
+from optjob.storage.publish import Publisher
 from optjob.storage.s3 import S3Settings
+from optjob.storage.staging import StageStore
 
 # A deliberately slow first step for lifecycle tests and demos of Stop/timeout: the job sleeps this
 # many seconds (checking for cancellation) before fetching. Never set in production.
@@ -42,6 +45,21 @@ def debug_delay(events: EventSink, cancel: CancelToken) -> None:
     cancel.raise_if_cancelled()
 
 
+def open_staging(
+    plan: Plan, job_arn: str, source: SourceModel, storage: S3Settings | None, events: EventSink, cancel: CancelToken
+) -> StageStore:
+    """Claim the output prefix before the first stage (a rerun of this job may take it back) and
+    open the record of finished stages."""
+    publisher = Publisher(
+        plan.output.s3_uri, job_name=plan.job_name, job_arn=job_arn, kms_key_id=plan.output.kms_key_id,
+        settings=storage, events=events, cancel=cancel,
+    )  # fmt: skip
+    publisher.open()
+    files = [(f.path, f.etag or "", f.size) for f in source.fetched.files]
+    identity = fingerprint(files, plan.model_dump(mode="json"))
+    return StageStore(publisher, identity, settings=storage or S3Settings(), events=events, cancel=cancel)
+
+
 def run_stages(
     plan: Plan,
     model_dir: Path,
@@ -50,13 +68,27 @@ def run_stages(
     events: EventSink,
     cancel: CancelToken,
     storage: Any = None,
+    staging: StageStore | None = None,
 ) -> tuple[Path, RunOutcome]:
-    """Run every planned stage over a local model directory; returns the final directory."""
+    """Run every planned stage over a local model directory; returns the final directory.
+
+    With ``staging`` (a job of several stages), each stage but the last is kept when it finishes, and
+    the stages an earlier attempt of the job finished are taken from there instead of run again."""
     outcome = RunOutcome(recommended_image=plan.recommended_image, warnings=list(plan.all_warnings))
+    names = [f"stage-{index}-{stage.optimization_type.lower()}" for index, stage in enumerate(plan.stages, 1)]
+    done = _restored_stages(names, work_dir, staging) if staging is not None else {}
     current = model_dir
     for index, stage in enumerate(plan.stages, 1):
         cancel.raise_if_cancelled()
-        out_dir = work_dir / f"stage-{index}-{stage.optimization_type.lower()}"
+        out_dir = work_dir / names[index - 1]
+        if index <= len(done):
+            metrics, warnings = done[names[index - 1]]
+            outcome.metrics[f"{index}:{stage.optimization_type}"] = metrics
+            outcome.warnings.extend(w for w in warnings if w not in outcome.warnings)
+            events(stage.optimization_type, "done", 1.0, f"stage {index}/{len(plan.stages)} finished by an "
+                   "earlier attempt of this job")  # fmt: skip
+            current = out_dir
+            continue
         if out_dir.exists():
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True)
@@ -76,8 +108,36 @@ def run_stages(
         outcome.metrics[f"{index}:{stage.optimization_type}"] = result.metrics
         outcome.warnings.extend(w for w in result.warnings if w not in outcome.warnings)
         events(stage.optimization_type, "done", 1.0, f"stage {index}/{len(plan.stages)} finished")
+        if staging is not None and index < len(plan.stages):
+            staging.save(names[index - 1], out_dir, result.metrics, list(result.warnings))
         current = out_dir
     return current, outcome
+
+
+def _restored_stages(
+    names: list[str], work_dir: Path, staging: StageStore
+) -> dict[str, tuple[dict[str, Any], list[str]]]:
+    """The leading stages an earlier attempt finished: the last one's directory downloaded and
+    re-checked, every one's figures and warnings; empty when there are none (or the download does
+    not match)."""
+    finished = 0
+    while finished < len(names) - 1 and staging.finished(names[finished]) is not None:
+        finished += 1
+    if not finished:
+        return {}
+    last = names[finished - 1]
+    out_dir = work_dir / last
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    if staging.restore(last, out_dir) is None:
+        return {}
+    staging.carry_over(names[:finished])
+    units = [staging.finished(name) for name in names[:finished]]
+    return {
+        name: (dict(unit.stage.get("metrics", {})), list(unit.stage.get("warnings", [])))
+        for name, unit in zip(names, units, strict=False)
+        if unit
+    }
 
 
 def run_plan(
@@ -113,10 +173,22 @@ def run_plan(
                 farm=farm,
             )  # fmt: skip
         source = fetch_source(plan, work_dir, settings=storage, events=events, cancel=cancel)
-        final_dir, outcome = run_stages(plan, source.path, work_dir, events=events, cancel=cancel, storage=storage)
-        cancel.raise_if_cancelled()
-        manifest = build_manifest(plan, job_arn, source, outcome.metrics, outcome.warnings)
-        outcome.published = publish_output(plan, final_dir, manifest, settings=storage, events=events, cancel=cancel)
+        staging = open_staging(plan, job_arn, source, storage, events, cancel) if len(plan.stages) > 1 else None
+        try:
+            final_dir, outcome = run_stages(plan, source.path, work_dir, events=events, cancel=cancel,
+                                            storage=storage, staging=staging)  # fmt: skip
+            cancel.raise_if_cancelled()
+            manifest = build_manifest(plan, job_arn, source, outcome.metrics, outcome.warnings)
+            claimed = staging.publisher if staging is not None else None
+            outcome.published = publish_output(plan, final_dir, manifest, settings=storage, events=events,
+                                               cancel=cancel, publisher=claimed)  # fmt: skip
+        except BaseException:
+            if staging is not None:
+                staging.publisher.rollback()
+                staging.clear()
+            raise
+        if staging is not None:
+            staging.clear()
         return outcome
     finally:
         discard(work_dir)

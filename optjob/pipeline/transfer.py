@@ -18,7 +18,7 @@ from optjob.pipeline.events import NULL_SINK, EventSink
 from optjob.pipeline.plan import Plan
 from optjob.storage.eula import model_card_gating
 from optjob.storage.inputs import check_model_dir
-from optjob.storage.publish import publish_model
+from optjob.storage.publish import Publisher, publish_model
 from optjob.storage.s3 import S3Settings
 from optjob.storage.source import FetchedModel, fetch_model
 
@@ -55,8 +55,9 @@ def fetch_source(
     return SourceModel(path=fetched.path, fetched=fetched)
 
 
-def build_manifest(plan: Plan, job_arn: str, source: SourceModel, metrics: dict[str, Any],
-                   warnings: list[str]) -> dict[str, Any]:
+def build_manifest(
+    plan: Plan, job_arn: str, source: SourceModel, metrics: dict[str, Any], warnings: list[str]
+) -> dict[str, Any]:
     """What the manifest says about the job; publish adds files, sizes, hashes, versions and timings."""
     return {
         "job_name": plan.job_name,
@@ -88,8 +89,14 @@ def publish_output(
     settings: S3Settings | None = None,
     events: EventSink = NULL_SINK,
     cancel: CancelToken | None = None,
+    publisher: Publisher | None = None,
 ) -> list[str]:
-    """Upload the verified model directory, manifest last; returns the published relative paths."""
+    """Upload the verified model directory, manifest last; returns the published relative paths.
+
+    ``publisher``: one that claimed the prefix when the job started (a job of several stages); the
+    caller rolls it back on failure."""
+    if publisher is not None:
+        return [file.path for file in publisher.commit(final_dir, manifest).files]
     result = publish_model(
         final_dir,
         plan.output.s3_uri,
