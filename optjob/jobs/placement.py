@@ -108,22 +108,16 @@ def missing(request: ResourceRequest, nodes: list[dict[str, Any]]) -> str | None
     if not alive:
         return "the Ray cluster has no live node"
     shortfalls: list[str] = []
+    lacking: set[str] | None = None  # what every live node lacks
     for node in alive:
         totals = node.get("Resources") or {}
-        short = [name for name, amount in request.amounts.items() if totals.get(name, 0) < amount]
+        short = {name for name, amount in request.amounts.items() if totals.get(name, 0) < amount}
         if not short:
             return None
         shortfalls.append(f"{node.get('NodeManagerAddress', '?')} lacks {', '.join(sorted(short))}")
-    lacking = sorted(
-        {
-            name
-            for name in request.amounts
-            if all(n.get("Resources", {}).get(name, 0) < request.amounts[name] for n in alive)
-        }
-    )
-    named = (
-        ", ".join(f"{name} ({request.why.get(name, 'requested')})" for name in lacking) or "one node with all of them"
-    )
+        lacking = short if lacking is None else lacking & short
+    named = ", ".join(f"{name} ({request.why.get(name, 'requested')})" for name in sorted(lacking or ()))
+    named = named or "one node with all of them"
     return (
         f"no node of the Ray cluster has {request.describe()}; missing everywhere: {named}. "
         f"Nodes: {'; '.join(shortfalls)}. Add a node that advertises them (ray start --resources) or change the job"

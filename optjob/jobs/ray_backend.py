@@ -52,6 +52,15 @@ def actor_name(key: str, attempt: int) -> str:
     return f"{ACTOR_PREFIX}.{key}.{attempt}"
 
 
+def connect(settings: Settings, rules: RayRules) -> None:
+    """Join the cluster at ``RAY_ADDRESS`` as a driver (once per process), from this host's own address."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=settings.ray_address, namespace=rules.namespace, _node_ip_address=settings.ray_node_ip,
+                 log_to_driver=False, configure_logging=False)  # fmt: skip
+
+
 def _die_with_parent() -> None:  # runs in the forked worker before exec
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
@@ -211,14 +220,7 @@ class RayBackend:
         self.store = store
         self.rules = rules or ray_rules()
         self.max_attempts = self.rules.max_attempts
-        if not ray.is_initialized():
-            ray.init(
-                address=settings.ray_address,
-                namespace=self.rules.namespace,
-                _node_ip_address=settings.ray_node_ip,
-                log_to_driver=False,
-                configure_logging=False,
-            )
+        connect(settings, self.rules)
         self._actor_class = ray.remote(JobActor)
 
     def recorded(self, job: JobRecord) -> bool:

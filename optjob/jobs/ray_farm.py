@@ -17,6 +17,7 @@ import uuid
 from typing import Any
 
 from optjob.jobs.placement import job_request, ray_rules
+from optjob.jobs.ray_backend import connect
 from optjob.pipeline.plan import Plan
 from optjob.pipeline.shard_farm import HelperResult, helper_result, timed_unit
 from optjob.settings import Settings
@@ -38,9 +39,7 @@ class RayShardFarm:
         import ray
 
         rules = ray_rules()
-        if not ray.is_initialized():
-            ray.init(address=settings.ray_address, namespace=rules.namespace, _node_ip_address=settings.ray_node_ip,
-                     log_to_driver=False, configure_logging=False)  # fmt: skip
+        connect(settings, rules)
         self.slots = max(instances - 1, 0)
         self.plan_json, self.job_arn, self.storage = plan.model_dump_json(), job_arn, storage
         env = {k: v for k, v in os.environ.items() if k.startswith(_PASSED_VARIABLES)}

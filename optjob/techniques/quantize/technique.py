@@ -13,6 +13,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -213,27 +214,20 @@ class QuantizationTechnique(TensorStreamingTechnique):
         quantized and checked in memory as its bytes arrive, output bytes uploaded as produced."""
         from optjob.runtime.phases import PhaseClock
         from optjob.techniques.quantize import streaming, tensor_stream
-        from optjob.verify.gate import per_tensor_mode
-        from optjob.verify.tensors import StreamChecker, merge, quantization_config
+        from optjob.verify.tensors import merge
 
-        if stage.engine != "streaming":
-            raise InputError(f"the {stage.engine} engine needs the whole model; it cannot run tensor by tensor")
-        params, scheme, dtype, linear, fit, started = _prepare(stage, ctx)
-        src, out = Path(ctx.input_dir), Path(ctx.output_dir)
-
-        config = streaming.prepare_output_dir(src, out, preset=scheme["preset"], ignore=params.ignore, dtype=dtype)
-        qconfig, mode = quantization_config(out), per_tensor_mode(scheme["verify_key"])
-        quantizer = tensor_stream.ShardQuantizer(config, linear_modules=linear, dtype=streaming.torch_dtype(dtype))
+        setup = _stream_setup(stage, ctx)
+        params, scheme, dtype, fit, started = setup.params, setup.scheme, setup.dtype, setup.fit, setup.started
         clock = ctx.clock or PhaseClock()
         t0 = time.monotonic()
         with PeakRss() as stream_memory:
             result = tensor_stream.quantize_stream(
-                shards, open_output, quantizer=quantizer, new_checker=lambda: StreamChecker(qconfig, mode),
+                shards, open_output, quantizer=setup.quantizer, new_checker=setup.new_checker,
                 clock=clock, cancel=ctx.cancel,
                 events=ctx.events, total_shards=getattr(shards, "count", None),
             )  # fmt: skip
         if result.shards > 1:
-            streaming.write_index(out, result.weight_map, result.total_size)
+            streaming.write_index(Path(ctx.output_dir), result.weight_map, result.total_size)
         timings: dict[str, Any] = {"quantize_s": round(time.monotonic() - t0, 3), "phases_s": clock.seconds()}
         ctx.events("quantize", "phases", None, f"where the time went: {clock.summary()}", phases_s=clock.seconds())
         details = {
@@ -260,20 +254,11 @@ class QuantizationTechnique(TensorStreamingTechnique):
         """The shards a helper worker was given: the same planning, quantization and per-tensor
         checks as ``run_tensor_streaming``; each record goes back to the job's worker with its shard."""
         from optjob.runtime.phases import PhaseClock
-        from optjob.techniques.quantize import streaming, tensor_stream
-        from optjob.verify.gate import per_tensor_mode
-        from optjob.verify.tensors import StreamChecker, quantization_config
+        from optjob.techniques.quantize import tensor_stream
 
-        if stage.engine != "streaming":
-            raise InputError(f"the {stage.engine} engine needs the whole model; it cannot run tensor by tensor")
-        params, scheme, dtype, linear, _fit, _started = _prepare(stage, ctx)
-        config = streaming.prepare_output_dir(
-            Path(ctx.input_dir), Path(ctx.output_dir), preset=scheme["preset"], ignore=params.ignore, dtype=dtype
-        )
-        qconfig, mode = quantization_config(Path(ctx.output_dir)), per_tensor_mode(scheme["verify_key"])
-        quantizer = tensor_stream.ShardQuantizer(config, linear_modules=linear, dtype=streaming.torch_dtype(dtype))
+        setup = _stream_setup(stage, ctx)
         tensor_stream.quantize_stream(
-            shards, open_output, quantizer=quantizer, new_checker=lambda: StreamChecker(qconfig, mode),
+            shards, open_output, quantizer=setup.quantizer, new_checker=setup.new_checker,
             clock=ctx.clock or PhaseClock(), cancel=ctx.cancel, events=ctx.events,
         )  # fmt: skip
 
@@ -333,6 +318,35 @@ class QuantizationTechnique(TensorStreamingTechnique):
             warnings=[*stage.warnings, *report.notes],
             serving_properties=dict(stage.serving_properties),
         )
+
+
+@dataclass
+class _StreamSetup:
+    params: QuantizationParams
+    scheme: dict[str, Any]
+    dtype: str
+    fit: Any
+    started: float
+    quantizer: Any  # tensor_stream.ShardQuantizer
+    new_checker: Callable[[], Any]  # a fresh verify.tensors.StreamChecker per shard
+
+
+def _stream_setup(stage: PlannedStage, ctx: StageContext) -> _StreamSetup:
+    """What quantizing shards tensor by tensor needs, for the job's worker and a helper alike: the
+    pre-flight, the output directory's config and the quantizer, and the per-shard checks."""
+    from optjob.techniques.quantize import streaming, tensor_stream
+    from optjob.verify.gate import per_tensor_mode
+    from optjob.verify.tensors import StreamChecker, quantization_config
+
+    if stage.engine != "streaming":
+        raise InputError(f"the {stage.engine} engine needs the whole model; it cannot run tensor by tensor")
+    params, scheme, dtype, linear, fit, started = _prepare(stage, ctx)
+    out = Path(ctx.output_dir)
+    config = streaming.prepare_output_dir(Path(ctx.input_dir), out, preset=scheme["preset"], ignore=params.ignore,
+                                          dtype=dtype)  # fmt: skip
+    qconfig, mode = quantization_config(out), per_tensor_mode(scheme["verify_key"])
+    quantizer = tensor_stream.ShardQuantizer(config, linear_modules=linear, dtype=streaming.torch_dtype(dtype))
+    return _StreamSetup(params, scheme, dtype, fit, started, quantizer, lambda: StreamChecker(qconfig, mode))
 
 
 def _prepare(
