@@ -138,6 +138,9 @@ def test_names_limits_and_operations_are_per_account(home: Path) -> None:
     service.create(make_request("home-job"))
     assert service.get("home-job").job_key == "home-job"  # the home account keeps plain keys
     beijing = Caller("111111111111", "cn-north-1", "team-a")
+    with pytest.raises(ResourceLimitExceeded, match="counted across regions"):  # one host: all regions count
+        service.create(make_request("cn-job", RoleArn="arn:aws-cn:iam::111111111111:role/r"), beijing)
+    assert service.store.transition(service.get("second", A).job_key, expect=("STARTING",), to="FAILED")
     service.create(make_request("cn-job", RoleArn="arn:aws-cn:iam::111111111111:role/r"), beijing)
     assert service.get("cn-job", beijing).arn == "arn:aws-cn:sagemaker:cn-north-1:111111111111:optimization-job/cn-job"
 

@@ -152,9 +152,7 @@ class MapRule:
                 raise constraint_error("Map key must satisfy constraint: [" + ", ".join(key_problems) + "]")
             value_problems = self.value.problems(v)
             if value_problems:
-                raise constraint_error(
-                    "Map value must satisfy constraint: [" + ", ".join(value_problems) + "]"
-                )
+                raise constraint_error("Map value must satisfy constraint: [" + ", ".join(value_problems) + "]")
         return dict(mapping)
 
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler):
@@ -177,12 +175,14 @@ class TimestampRule:
         if isinstance(value, bool):
             raise constraint_error("Member must be a timestamp (epoch seconds)")
         if isinstance(value, int | float):
-            return datetime.fromtimestamp(value, tz=UTC)
+            return _from_epoch(value)
         if isinstance(value, str):
             try:
-                return datetime.fromtimestamp(float(value), tz=UTC)
+                seconds = float(value)
             except ValueError:
                 pass
+            else:
+                return _from_epoch(seconds)
             try:
                 parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
             except ValueError as exc:
@@ -193,10 +193,17 @@ class TimestampRule:
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler):
         return core_schema.no_info_plain_validator_function(
             self._parse,
-            serialization=core_schema.plain_serializer_function_ser_schema(
-                to_epoch, when_used="json-unless-none"
-            ),
+            serialization=core_schema.plain_serializer_function_ser_schema(to_epoch, when_used="json-unless-none"),
         )
+
+
+def _from_epoch(seconds: float) -> datetime:
+    """Epoch seconds as an aware datetime; one outside what a datetime holds (1e300, -1e18, NaN) is a
+    constraint violation naming the range, not an overflow."""
+    try:
+        return datetime.fromtimestamp(seconds, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        raise constraint_error("Member must be a timestamp (epoch seconds) between 0001-01-01 and 9999-12-31") from None
 
 
 def to_epoch(moment: datetime) -> float:

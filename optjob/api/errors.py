@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from optjob.api.constraints import ERROR_TYPE
+from optjob.limits import limits
 
 ShapeT = TypeVar("ShapeT", bound=BaseModel)
 
@@ -66,10 +67,13 @@ class InternalFailure(ApiError):
 
 
 def validation_message(violations: Sequence[str]) -> str:
-    """SageMaker's header plus every violation joined by ``; ``."""
+    """SageMaker's header plus the violations joined by ``; ``: at most ``max_listed_violations`` of
+    them, so a request of many bad members cannot make an error larger than itself."""
     count = len(violations)
     noun = "error" if count == 1 else "errors"
-    return f"{count} validation {noun} detected: " + "; ".join(violations)
+    shown = limits().api.max_listed_violations
+    text = f"{count} validation {noun} detected: " + "; ".join(violations[:shown])
+    return text + (f"; and {count - shown} more" if count > shown else "")
 
 
 def violation(value: Any, path: str, constraint: str) -> str:
@@ -80,18 +84,27 @@ def render_value(value: Any) -> str:
     """How SageMaker prints the offending value: ``null`` bare, everything else in quotes."""
     if value is None:
         return "null"
-    return f"'{_java_like(value)}'"
+    return f"'{truncate(_java_like(value))}'"
 
 
-def _java_like(value: Any) -> str:
+def truncate(text: str, limit: int | None = None) -> str:
+    """``text`` cut to the configured echo length with ``...``: an error repeats enough of a value to
+    recognise it, never the whole of a large one."""
+    limit = limit or limits().api.max_echoed_value_chars
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _java_like(value: Any, depth: int = 0) -> str:
+    if depth > limits().api.max_json_depth:
+        return "..."
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}={_java_like(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{k}={_java_like(v, depth + 1)}" for k, v in value.items()) + "}"
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(_java_like(v) for v in value) + "]"
+        return "[" + ", ".join(_java_like(v, depth + 1) for v in value) + "]"
     if isinstance(value, BaseModel):
-        return _java_like(value.model_dump(by_alias=True, exclude_none=True))
+        return _java_like(value.model_dump(by_alias=True, exclude_none=True), depth + 1)
     return str(value)
 
 
@@ -142,9 +155,9 @@ def from_pydantic(exc: ValidationError, model: type[BaseModel]) -> ValidationExc
 def parse(model: type[ShapeT], data: Any) -> ShapeT:
     """Validate wire data (a dict from JSON) into ``model``, raising SageMaker's ValidationException."""
     if not isinstance(data, dict):
-        raise SerializationException(
-            f"Expected a JSON object for {model.__name__}, got {type(data).__name__}"
-        )
+        raise SerializationException(f"Expected a JSON object for {model.__name__}, got {type(data).__name__}")
+    if _deeper_than(data, limits().api.max_json_depth):
+        raise SerializationException(_too_deep())
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -153,8 +166,44 @@ def parse(model: type[ShapeT], data: Any) -> ShapeT:
 
 def parse_json(model: type[ShapeT], body: str | bytes) -> ShapeT:
     """Like ``parse`` but from raw JSON text; malformed JSON is a SerializationException."""
+    return parse(model, load_json(body))
+
+
+def load_json(body: str | bytes) -> Any:
+    """A request body as JSON data, or a SerializationException that says what is wrong with it.
+
+    Strict JSON only (no ``NaN``/``Infinity``), nesting at most ``max_json_depth`` deep, integers
+    within Python's digit limit: what is not a request never reaches validation, so no input can
+    make it recurse without bound or raise something other than an ApiError."""
     try:
-        data = json.loads(body or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SerializationException(f"Request body is not valid JSON: {exc}") from None
-    return parse(model, data)
+        data = json.loads(body or b"{}", parse_constant=_refuse_constant)
+    except RecursionError:
+        raise SerializationException(_too_deep()) from None
+    except UnicodeDecodeError as exc:
+        raise SerializationException(f"Request body is not valid JSON: {truncate(str(exc))}") from None
+    except ValueError as exc:  # JSONDecodeError, a NaN, or an integer past Python's digit limit
+        why = "an integer has more than 4300 digits" if "integer string conversion" in str(exc) else str(exc)
+        raise SerializationException(f"Request body is not valid JSON: {truncate(why)}") from None
+    if _deeper_than(data, limits().api.max_json_depth):
+        raise SerializationException(_too_deep())
+    return data
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _too_deep() -> str:
+    return f"Request body nests JSON deeper than {limits().api.max_json_depth} levels; no SageMaker shape does"
+
+
+def _deeper_than(data: Any, limit: int) -> bool:
+    """Whether objects and arrays nest more than ``limit`` levels (iterative: no recursion to exhaust)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (value.values() if isinstance(value, dict) else value))
+    return False

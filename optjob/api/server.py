@@ -25,11 +25,20 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from optjob.api.audit import AuditLog
-from optjob.api.errors import ApiError, InternalFailure, SerializationException, UnknownOperationException
+from optjob.api.errors import (
+    ApiError,
+    InternalFailure,
+    SerializationException,
+    UnknownOperationException,
+    ValidationException,
+    load_json,
+    truncate,
+)
 from optjob.api.principals import Principal
 from optjob.api.shapes import OPERATIONS
-from optjob.api.sigv4 import IncomingRequest, verify
+from optjob.api.sigv4 import IncomingRequest, check_headers, verify
 from optjob.jobs.tenancy import Caller
+from optjob.limits import limits
 
 CONTENT_TYPE = "application/x-amz-json-1.1"
 TARGET_PREFIX = "SageMaker."
@@ -72,20 +81,23 @@ def create_app(
 
     async def endpoint(request: Request) -> Response:
         request_id = str(uuid.uuid4())
-        body = await request.body()
         target = request.headers.get("x-amz-target", "")
         operation = target[len(TARGET_PREFIX) :] if target.startswith(TARGET_PREFIX) else ""
         caller: Caller | None = anonymous
         data: Any = None
         outcome = "Success"
         try:
+            raw_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
+            if principals is not None:  # who is asking, before a byte of the body is read
+                check_headers(raw_headers, secrets)
+            body = await _read_body(request, limits().api.max_body_bytes)
             if principals is not None:
                 signer = verify(
                     IncomingRequest(
                         method=request.method,
                         path=request.url.path,
                         query=request.url.query,
-                        headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw],
+                        headers=raw_headers,
                         body=body,
                     ),
                     secrets,
@@ -95,14 +107,11 @@ def create_app(
             if operation not in OPERATIONS:
                 known = ", ".join(f"{TARGET_PREFIX}{op}" for op in OPERATIONS)
                 raise UnknownOperationException(
-                    f"Unknown operation '{target}'; this endpoint serves {known}"
+                    f"Unknown operation '{truncate(target)}'; this endpoint serves {known}"
                     if target
                     else f"Missing X-Amz-Target header; expected one of {known}"
                 )
-            try:
-                data = json.loads(body or b"{}")
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise SerializationException(f"Request body is not valid JSON: {exc}") from None
+            data = load_json(body)
             if not isinstance(data, dict):
                 raise SerializationException("Request body must be a JSON object")
             result = await run_in_threadpool(service().handle, operation, data, caller)
@@ -119,6 +128,33 @@ def create_app(
                 _audit(audit, request, operation or target, outcome, request_id, caller, data)
 
     return Starlette(routes=[Route("/", endpoint, methods=["POST"])])
+
+
+class RequestTooLarge(ValidationException):
+    http_status = 413
+
+
+async def _read_body(request: Request, cap: int) -> bytes:
+    """The body, refused unread when its Content-Length is over ``cap`` and cut off as soon as a body
+    without one passes it: a request can never make the server hold more than ``cap`` bytes of it."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise SerializationException("Content-Length must be a number of bytes")
+        if int(declared) > cap:
+            raise RequestTooLarge(_too_large(cap))
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise RequestTooLarge(_too_large(cap))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(cap: int) -> str:
+    return f"Request body is larger than {cap} bytes; no SageMaker optimization-job request is"
 
 
 def _audit(

@@ -17,7 +17,7 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from optjob.api.errors import ApiError
+from optjob.api.errors import ApiError, truncate
 
 SERVICE = "sagemaker"
 MAX_SKEW_S = 300
@@ -78,12 +78,31 @@ def _parse_authorization(value: str) -> dict[str, str]:
     return fields
 
 
-def verify(request: IncomingRequest, keys: Mapping[str, str], *, now: datetime | None = None) -> Signer:
-    """Check the request's SigV4 signature against ``keys`` (access key id -> secret).
+@dataclass(frozen=True)
+class _Scope:
+    """What the headers alone establish: a known key, a fresh date, the fields of the signature."""
 
-    Returns who signed it, or raises an ApiError with AWS's code."""
+    headers: dict[str, list[str]]
+    fields: dict[str, str]
+    key_id: str
+    secret: str
+    region: str
+    amz_date: str
+
+
+def check_headers(
+    raw_headers: list[tuple[str, str]], keys: Mapping[str, str], *, now: datetime | None = None
+) -> Signer:
+    """Everything about the signature that needs no body: an Authorization header, a known key, a
+    fresh date. The server calls this before reading the body, so an unsigned or foreign request
+    costs no more than its headers. ``verify`` still checks the signature itself."""
+    scope = _scope(raw_headers, keys, now)
+    return Signer(scope.key_id, scope.region)
+
+
+def _scope(raw_headers: list[tuple[str, str]], keys: Mapping[str, str], now: datetime | None) -> _Scope:
     headers: dict[str, list[str]] = {}
-    for name, value in request.headers:
+    for name, value in raw_headers:
         headers.setdefault(name.lower(), []).append(value)
     authorization = (headers.get("authorization") or [None])[0]
     if not authorization:
@@ -92,7 +111,7 @@ def verify(request: IncomingRequest, keys: Mapping[str, str], *, now: datetime |
     scope = fields["Credential"].split("/")
     if len(scope) != 5 or scope[3] != SERVICE or scope[4] != "aws4_request":
         raise IncompleteSignature(
-            f"Credential should be scoped to a valid service: '{fields['Credential']}' (expected "
+            f"Credential should be scoped to a valid service: '{truncate(fields['Credential'])}' (expected "
             f"AKID/date/region/{SERVICE}/aws4_request)"
         )
     key_id, date, region = scope[0], scope[1], scope[2]
@@ -113,7 +132,15 @@ def verify(request: IncomingRequest, keys: Mapping[str, str], *, now: datetime |
         )
     if date != amz_date[:8]:
         raise InvalidSignature("Credential date does not match X-Amz-Date")
+    return _Scope(headers, fields, key_id, secret, region, amz_date)
 
+
+def verify(request: IncomingRequest, keys: Mapping[str, str], *, now: datetime | None = None) -> Signer:
+    """Check the request's SigV4 signature against ``keys`` (access key id -> secret).
+
+    Returns who signed it, or raises an ApiError with AWS's code."""
+    scope = _scope(request.headers, keys, now)
+    headers, fields = scope.headers, scope.fields
     signed_names = fields["SignedHeaders"].split(";")
     if "host" not in signed_names:
         raise InvalidSignature("'Host' must be a signed header")
@@ -124,16 +151,20 @@ def verify(request: IncomingRequest, keys: Mapping[str, str], *, now: datetime |
     )
     for name in signed_names:
         if name not in headers:
-            raise InvalidSignature(f"Signed header '{name}' is missing from the request")
+            raise InvalidSignature(f"Signed header '{truncate(name)}' is missing from the request")
         # Repeated headers are signed as one comma-joined value, which is what this rebuilds.
         rebuilt.headers[name] = ",".join(headers[name])
-    rebuilt.context["timestamp"] = amz_date
-    signer = SigV4Auth(Credentials(key_id, secret), SERVICE, region)
-    canonical = signer.canonical_request(rebuilt)
-    expected = signer.signature(signer.string_to_sign(rebuilt, canonical), rebuilt)
-    if not hmac.compare_digest(expected, fields["Signature"]):
+    rebuilt.context["timestamp"] = scope.amz_date
+    signer = SigV4Auth(Credentials(scope.key_id, scope.secret), SERVICE, scope.region)
+    try:
+        canonical = signer.canonical_request(rebuilt)
+        expected = signer.signature(signer.string_to_sign(rebuilt, canonical), rebuilt)
+    except (ValueError, UnicodeError):  # a Host or path no client could have signed
+        raise IncompleteSignature("The request's Host, path or signed headers cannot be canonicalized") from None
+    # bytes, not str: compare_digest refuses non-ASCII strings, and the header is the caller's
+    if not hmac.compare_digest(expected.encode(), fields["Signature"].encode("utf-8", "replace")):
         raise InvalidSignature(
             "The request signature we calculated does not match the signature you provided. Check your "
             "AWS Secret Access Key and signing method."
         )
-    return Signer(key_id, region)
+    return Signer(scope.key_id, scope.region)

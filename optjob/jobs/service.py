@@ -60,7 +60,7 @@ from optjob.jobs.store import (
     now_ms,
     starting_record,
 )
-from optjob.jobs.tenancy import Caller, check_role, home_caller
+from optjob.jobs.tenancy import Caller, check_region, check_role, home_caller
 from optjob.pipeline.plan import Plan, build_plan
 from optjob.secret_files import SecretFileError
 from optjob.settings import Settings, load_settings
@@ -115,6 +115,7 @@ class JobService:
         """Validate exactly as ``optjob validate`` does, check the caller may pass RoleArn, then
         store the job as STARTING in the caller's account and region."""
         caller = caller or self.home
+        check_region(caller)
         check_role(caller, request.role_arn, self.settings, self._roles())
         try:
             plan = self._planner(request, region=caller.region, resolve_model=self._model_uri)
@@ -142,7 +143,8 @@ class JobService:
         except TooManyActiveJobs as exc:
             limit = self.settings.max_active_jobs
             raise ResourceLimitExceeded(
-                f"The account-level service limit 'number of active optimization jobs' is {limit} Jobs, "
+                f"The account-level service limit 'number of active optimization jobs' (counted across "
+                f"regions) is {limit} Jobs, "
                 f"with current utilization of {exc} Jobs and a request delta of 1 Jobs. Wait for a job "
                 f"to reach a terminal state or raise OPTJOB_MAX_ACTIVE_JOBS"
             ) from None
@@ -236,6 +238,7 @@ class JobService:
         }
         if operation not in handlers:
             raise UnknownOperationException(f"Operation {operation} is not supported by optjob")
+        check_region(caller or self.home)
         model, method = handlers[operation]
         result = method(parse(model, body if body is not None else {}))
         return result.dump() if result is not None else {}

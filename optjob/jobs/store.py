@@ -256,7 +256,8 @@ class Store:
     def create_job(self, record: JobRecord, *, max_active: int) -> JobRecord:
         """Insert a new job; raises DuplicateJob or TooManyActiveJobs without inserting.
 
-        Both checks are per tenant (account and region). Returns the record as stored: its key
+        The name is unique per tenant (account and region); the active-job limit is per account,
+        across regions, since every region's jobs run on this one host. Returns the record as stored: its key
         is qualified when the plain one is taken by a job of another tenant (a data directory
         whose home account or region was changed), so keys never collide.
         """
@@ -265,10 +266,10 @@ class Store:
             taken = "SELECT 1 FROM jobs WHERE account_id = ? AND region = ? AND name = ?"
             if conn.execute(taken, (*tenant, record.name)).fetchone():
                 raise DuplicateJob(record.name)
+            # The limit counts the account's jobs in every region: they all share this host.
             active = conn.execute(
-                f"SELECT COUNT(*) FROM jobs WHERE account_id = ? AND region = ? "
-                f"AND status IN ({_marks(ACTIVE_STATUSES)})",
-                (*tenant, *ACTIVE_STATUSES),
+                f"SELECT COUNT(*) FROM jobs WHERE account_id = ? AND status IN ({_marks(ACTIVE_STATUSES)})",
+                (record.account_id, *ACTIVE_STATUSES),
             ).fetchone()[0]
             if active >= max_active:
                 raise TooManyActiveJobs(str(active))

@@ -1,9 +1,11 @@
 """Who is calling, and which execution roles they may hand a job.
 
-A caller is an account in a region, as SageMaker scopes jobs: names, ARNs, List, Describe, Stop,
-Delete and the active-job limit all live inside one (account, region) pair. The HTTP server
-builds the caller from the SigV4 signature (the key's account, the credential scope's region);
-the local CLI is the home caller, the account and region optjob runs as.
+A caller is an account in a region, as SageMaker scopes jobs: names, ARNs, List, Describe, Stop and
+Delete live inside one (account, region) pair. The active-job limit is the exception: it counts an
+account's jobs in every region, because all of them run on this one host and the region is only what
+the caller chose to sign for (``Store.create_job``). A region SageMaker does not serve is refused
+(``check_region``). The HTTP server builds the caller from the SigV4 signature (the key's account,
+the credential scope's region); the local CLI is the home caller, the account and region optjob runs as.
 
 RoleArn rules, decided here before a job is stored:
 
@@ -67,6 +69,19 @@ class Caller:
 def home_caller(settings: Settings) -> Caller:
     """The account and region optjob runs as: the local CLI's caller and unsigned requests'."""
     return Caller(settings.account_id, settings.region)
+
+
+def check_region(caller: Caller) -> None:
+    """Refuse a region SageMaker does not serve (the signature's scope is the caller's choice, so it is
+    input): a ValidationException before anything is stored or looked up by region."""
+    from optjob.package.images import known_regions
+
+    if caller.region not in known_regions():
+        shown = caller.region if len(caller.region) <= 64 else caller.region[:64] + "..."
+        raise ValidationException(
+            f"The region '{shown}' is not a SageMaker region optjob serves; sign the request for one of the "
+            "regions in configs/images.yaml (for example us-east-1)"
+        )
 
 
 def role_account(role_arn: str) -> str | None:

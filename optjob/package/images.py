@@ -26,6 +26,13 @@ def account_for(region: str) -> str:
         raise KeyError(f"region {region!r} has no DJL image account in configs/images.yaml") from None
 
 
+def known_regions() -> frozenset[str]:
+    """Every region the image tables cover: the regions SageMaker serves, so the ones optjob accepts a
+    signature for (a region outside them has no image and no ARN a real client could use)."""
+    tables = _tables()
+    return frozenset(tables["default_account_regions"]) | frozenset(tables["accounts"])
+
+
 def dns_suffix(region: str) -> str:
     for row in _tables()["dns_suffixes"]:
         if region.startswith(row["prefix"]):

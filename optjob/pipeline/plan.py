@@ -13,12 +13,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from optjob.api.errors import ValidationException
+from optjob.api.errors import ValidationException, truncate
 from optjob.api.shapes import UNION_MEMBERS, CreateOptimizationJobRequest
 from optjob.config_files import load_config
+from optjob.errors import InputError
 from optjob.pipeline.env import layer_env
 from optjob.pipeline.stage import PlanError, PlannedStage, technique_for
+from optjob.storage.archive import is_archive_key
 from optjob.storage.eula import gated_source_reason
+from optjob.storage.uri import parse_s3_uri
 from optjob.targets.catalog import InstanceSpec, instance
 
 
@@ -120,6 +123,35 @@ def _check_source(
     return SourceRef(model_name=name, s3_uri=resolved)
 
 
+def _check_overlap(source_uri: str | None, output_uri: str, problems: list[str]) -> None:
+    """The output may not be the source, hold it or lie inside it: publishing there would change the
+    source under every later job (a child prefix becomes part of the model the next job downloads),
+    so this is refused at Create, before anything is downloaded."""
+    if not source_uri or not output_uri:
+        return
+    try:
+        source, output = parse_s3_uri(source_uri), parse_s3_uri(output_uri)
+    except InputError:  # a malformed URI is reported by the check that reads it
+        return
+    if source.bucket != output.bucket:
+        return
+    # A source prefix is compared as a prefix; a source archive (a key not ending in /) as an object.
+    archive = is_archive_key(source.key)
+    source_key = source.key if archive else source.prefix
+    if source_key.startswith(output.prefix) or (not archive and output.prefix.startswith(source_key)):
+        relation = (
+            "is the same as"
+            if output.prefix == source_key
+            else "contains"
+            if source_key.startswith(output.prefix)
+            else "is inside"
+        )
+        problems.append(
+            f"OutputConfig.S3OutputLocation '{truncate(output_uri)}' {relation} the model source "
+            f"'{truncate(source_uri)}': the output must be a prefix that neither holds nor is held by the source"
+        )
+
+
 def _check_combination(members: list[str], problems: list[str]) -> None:
     rules = _rules()["combinations"]
     seen: dict[str, int] = {}
@@ -181,6 +213,8 @@ def build_plan(
             request.output_config.sage_maker_model.model_name if request.output_config.sage_maker_model else None
         ),
     )
+
+    _check_overlap(source.s3_uri, output.s3_uri, problems)
 
     members = [config.technique for config in request.optimization_configs]
     if not members:
