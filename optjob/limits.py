@@ -1,13 +1,14 @@
 """``configs/limits.yaml`` as one typed object: the bounds hostile or careless input meets.
 
-Rules are data: how large a request body may be, how deep its JSON may nest and how much of an
-offending value an error repeats are read from the file, once, so an operator can tighten them
-without touching code.
+Rules are data: how large a request body may be, how deep its JSON may nest, how much of an
+offending value an error repeats, and which config.json numbers a model may claim are read from
+the file, once, so an operator can tighten them without touching code.
 """
 
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,14 +24,35 @@ class ApiLimits(BaseModel):
     max_listed_violations: int = Field(gt=0)
 
 
+class ModelLimits(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_json_depth: int = Field(gt=1)
+    config_ranges: dict[str, tuple[int, int]]
+
+
 class Limits(BaseModel):
     """``configs/limits.yaml``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     api: ApiLimits
+    model: ModelLimits
 
 
 @cache
 def limits() -> Limits:
     return Limits.model_validate(load_config("limits.yaml"))
+
+
+def json_deeper_than(data: Any, limit: int) -> bool:
+    """Whether parsed JSON nests objects and arrays more than ``limit`` levels. Iterative, so data
+    nested as deep as a parser allowed cannot exhaust the stack here either."""
+    stack = [(data, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, dict | list):
+            if level > limit:
+                return True
+            stack.extend((child, level + 1) for child in (value.values() if isinstance(value, dict) else value))
+    return False

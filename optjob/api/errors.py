@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from optjob.api.constraints import ERROR_TYPE
-from optjob.limits import limits
+from optjob.limits import json_deeper_than, limits
 
 ShapeT = TypeVar("ShapeT", bound=BaseModel)
 
@@ -156,7 +156,7 @@ def parse(model: type[ShapeT], data: Any) -> ShapeT:
     """Validate wire data (a dict from JSON) into ``model``, raising SageMaker's ValidationException."""
     if not isinstance(data, dict):
         raise SerializationException(f"Expected a JSON object for {model.__name__}, got {type(data).__name__}")
-    if _deeper_than(data, limits().api.max_json_depth):
+    if json_deeper_than(data, limits().api.max_json_depth):
         raise SerializationException(_too_deep())
     try:
         return model.model_validate(data)
@@ -184,7 +184,7 @@ def load_json(body: str | bytes) -> Any:
     except ValueError as exc:  # JSONDecodeError, a NaN, or an integer past Python's digit limit
         why = "an integer has more than 4300 digits" if "integer string conversion" in str(exc) else str(exc)
         raise SerializationException(f"Request body is not valid JSON: {truncate(why)}") from None
-    if _deeper_than(data, limits().api.max_json_depth):
+    if json_deeper_than(data, limits().api.max_json_depth):
         raise SerializationException(_too_deep())
     return data
 
@@ -195,15 +195,3 @@ def _refuse_constant(name: str) -> Any:
 
 def _too_deep() -> str:
     return f"Request body nests JSON deeper than {limits().api.max_json_depth} levels; no SageMaker shape does"
-
-
-def _deeper_than(data: Any, limit: int) -> bool:
-    """Whether objects and arrays nest more than ``limit`` levels (iterative: no recursion to exhaust)."""
-    stack = [(data, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, dict | list):
-            if depth > limit:
-                return True
-            stack.extend((child, depth + 1) for child in (value.values() if isinstance(value, dict) else value))
-    return False

@@ -30,6 +30,7 @@ from optjob.storage.inputs import (
     check_model_dir,
     check_shard_against_index,
     index_weight_map,
+    read_config,
     safetensors_header,
 )
 from optjob.storage.publish import Publisher
@@ -52,9 +53,14 @@ def streaming_technique(plan: Plan) -> StreamingTechnique | None:
 
 def weight_order(fetch: StreamingFetch) -> list[str]:
     weights = sorted(rel for rel in fetch.remotes if rel.endswith(".safetensors"))
+    pickles = sorted(rel for rel in fetch.remotes if rel.lower().endswith(PICKLE_SUFFIXES))
+    if not weights and pickles:  # say why the weights it has are not used, not that it has none
+        raise InputError(
+            f"{fetch.uri} holds only pickle weights ({pickles[0]}), which are refused as unsafe: unpickling can "
+            "run arbitrary code. Convert them to safetensors in a trusted environment and upload those"
+        )
     if not weights:
         raise InputError(f"{fetch.uri} holds no *.safetensors weights; a model directory needs them")
-    pickles = [rel for rel in fetch.remotes if rel.endswith(PICKLE_SUFFIXES)]
     if pickles and os.environ.get(ALLOW_PICKLE_ENV) != "1":
         raise InputError(
             f"{fetch.uri} holds pickle weights ({pickles[0]}); loading them can run code. Remove them "
@@ -72,6 +78,7 @@ def open_source(
         fetch.wait(rel)
     if "config.json" not in small:
         raise InputError(f"{plan.source.s3_uri} has no config.json; it is not a Hugging Face model directory")
+    read_config(source_dir / "config.json")  # its sizes in range before a tensor is read
     if not plan.source.accept_eula and (reason := model_card_gating(source_dir)):
         raise InputError(reason)
     publisher.open()  # refuse a prefix owned by another job before any work

@@ -10,9 +10,9 @@ FailureReason, so it names the file and says what to do.
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import re
 import stat
 import struct
 from pathlib import Path, PurePosixPath
@@ -21,6 +21,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from optjob.errors import InputError
+from optjob.limits import limits
+from optjob.storage.untrusted_json import load_untrusted_json
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -108,9 +110,10 @@ def _walk(root: Path) -> list[tuple[str, os.stat_result]]:
 
 def _read_json(path: Path, rel: str, fix: str) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{rel} is not valid JSON ({exc}). {fix}") from exc
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{rel} cannot be read ({exc}). {fix}") from exc
+    return load_untrusted_json(raw, what=rel, fix=fix)
 
 
 def safetensors_header(path: Path, rel: str) -> dict[str, Any]:
@@ -130,10 +133,7 @@ def safetensors_header(path: Path, rel: str) -> dict[str, Any]:
         if header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
             raise InputError(f"{rel} declares a {header_len}-byte header but the file is {size} bytes. {fix}")
         raw = handle.read(header_len)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{rel} has a corrupt safetensors header ({exc}). {fix}") from exc
+    header = load_untrusted_json(raw, what=f"The safetensors header of {rel}", fix=fix)
     if not isinstance(header, dict):
         raise InputError(f"{rel} has a safetensors header that is not a JSON object. {fix}")
     tensors = {name: spec for name, spec in header.items() if name != "__metadata__"}
@@ -141,11 +141,11 @@ def safetensors_header(path: Path, rel: str) -> dict[str, Any]:
     spans = []
     for name, spec in tensors.items():
         try:
-            dtype, shape, (begin, end) = spec["dtype"], spec["shape"], spec["data_offsets"]
+            dtype, shape, (begin, end) = str(spec["dtype"]), spec["shape"], spec["data_offsets"]
             begin, end = int(begin), int(end)
             elements = math.prod(int(dim) for dim in shape)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"{rel}: tensor {name!r} has a malformed header entry. {fix}") from exc
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise InputError(f"{rel}: tensor {name[:200]!r} has a malformed header entry. {fix}") from exc
         bits = _DTYPE_BITS.get(dtype)
         if bits is not None and (end - begin) * 8 != elements * bits:
             raise InputError(
@@ -173,7 +173,7 @@ def indexed_weight_names(model_dir: Path) -> list[str]:
     index = model_dir / SAFETENSORS_INDEX
     if not index.is_file():
         return []
-    return list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
+    return list(dict.fromkeys(index_weight_map(model_dir).values()))
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -215,6 +215,72 @@ def _check_index(root: Path, present: set[str], headers: dict[str, dict[str, Any
         check_shard_against_index(weight_map, shard, headers[shard])
 
 
+_CONFIG_FIX = "Fix or re-upload config.json."
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A model's config.json, parsed within the limits and its sizing numbers in their plausible
+    ranges (``configs/limits.yaml`` ``model.config_ranges``); InputError naming the field otherwise.
+
+    Called as soon as config.json arrives, before any tensor is read, because a job's memory and
+    time grow with these numbers."""
+    config = _read_json(path, "config.json", _CONFIG_FIX)
+    if not isinstance(config, dict):
+        raise InputError(f"config.json is not a JSON object. {_CONFIG_FIX}")
+    check_config_values(config)
+    return config
+
+
+def check_config_values(config: dict[str, Any]) -> None:
+    """Every sizing number, at the top level and in nested configs (``text_config`` ...), in range."""
+    ranges = limits().model.config_ranges
+    stack: list[tuple[str, dict[str, Any]]] = [("", config)]
+    while stack:
+        where, section = stack.pop()
+        for key, value in section.items():
+            if isinstance(value, dict):
+                stack.append((f"{where}{key}.", value))
+                continue
+            if key not in ranges or value is None:
+                continue
+            low, high = ranges[key]
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InputError(f"config.json {where}{key} is {str(value)[:64]!r}, not an integer. {_CONFIG_FIX}")
+            if not low <= value <= high:
+                raise InputError(
+                    f"config.json {where}{key} is {str(value)[:64]}, outside the plausible range {low}..{high} "
+                    f"(configs/limits.yaml). {_CONFIG_FIX}"
+                )
+
+
+def check_config_against_weights(config: dict[str, Any], headers: dict[str, dict[str, Any]]) -> None:
+    """The safetensors headers are the truth: a config.json that claims more layers or a larger
+    vocabulary than the weights hold is refused with both numbers (a loader would otherwise build,
+    and an optimizer walk, a model the weights cannot fill)."""
+    layers: set[int] = set()
+    embedding_rows: int | None = None
+    for table in headers.values():
+        for name, spec in table.items():
+            if match := _LAYER.search(name):
+                layers.add(int(match.group(1)))
+            if embedding_rows is None and name.endswith(_EMBEDDINGS) and spec.get("shape"):
+                embedding_rows = int(spec["shape"][0])
+    claimed = config.get("num_hidden_layers")
+    if layers and isinstance(claimed, int) and claimed > len(layers):
+        raise InputError(
+            f"config.json num_hidden_layers is {claimed} but the safetensors weights hold {len(layers)} layers "
+            f"(layers.0 to layers.{max(layers)}). {_CONFIG_FIX}"
+        )
+    vocab = config.get("vocab_size")
+    if embedding_rows is not None and isinstance(vocab, int) and vocab > embedding_rows:
+        raise InputError(
+            f"config.json vocab_size is {vocab} but the safetensors embedding holds {embedding_rows} rows. "
+            + _CONFIG_FIX
+        )
+
+
 def check_model_dir(path: Path | str, *, allow_pickle: bool = False) -> ModelDirReport:
     """Check ``path`` is a safe, complete Hugging Face model directory; InputError otherwise."""
     root = Path(path)
@@ -227,19 +293,18 @@ def check_model_dir(path: Path | str, *, allow_pickle: bool = False) -> ModelDir
             "The model has no config.json at its top level. Point ModelSource.S3.S3Uri at the directory "
             "that holds config.json (a Hugging Face save_pretrained layout)."
         )
-    config = _read_json(root / "config.json", "config.json", "Fix or re-upload config.json.")
-    if not isinstance(config, dict):
-        raise InputError("config.json is not a JSON object. Fix or re-upload config.json.")
+    config = read_config(root / "config.json")
     pickles = [rel for rel in names if rel.lower().endswith(PICKLE_SUFFIXES)]
     if pickles and not allow_pickle:
         raise InputError(
             f"The model contains pickle weights ({', '.join(sorted(pickles)[:5])}); loading pickle files can "
-            "run arbitrary code, so they are refused. Convert the weights to safetensors, or enable the "
+            "run arbitrary code, so they are refused as unsafe. Convert the weights to safetensors, or enable the "
             "allow-pickle option if you trust their origin (they are then loaded with weights_only=True)."
         )
     headers = {rel: safetensors_header(root / rel, rel) for rel in sorted(names) if rel.endswith(".safetensors")}
     if SAFETENSORS_INDEX in names:
         _check_index(root, set(headers), headers)
+    check_config_against_weights(config, headers)
     if not headers and not pickles:
         raise InputError("The model directory has config.json but no weights (*.safetensors). Upload the weight files.")
     return ModelDirReport(

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from optjob.errors import InputError
+from optjob.storage.untrusted_json import load_untrusted_json
 
 ITEM_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -86,17 +87,16 @@ def parse_header(raw: bytes, *, what: str, file_bytes: int) -> ShardHeader:
     """Parse and check a header: known dtypes, byte ranges matching shapes, no overlaps, inside the object."""
     length = header_length(raw, what=what, file_bytes=file_bytes)
     raw = bytes(raw[: 8 + length])
-    try:
-        table = json.loads(raw[8:])
-        if not isinstance(table, dict):
-            raise ValueError("the header is not a JSON object")
-    except ValueError as exc:
-        raise InputError(f"{what} has an unreadable safetensors header ({exc}); re-upload it") from exc
+    table = load_untrusted_json(raw[8:], what=f"The safetensors header of {what}", fix="Re-upload it.")
+    if not isinstance(table, dict):
+        raise InputError(f"{what} has an unreadable safetensors header (the header is not a JSON object); re-upload it")
     metadata = table.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise InputError(f"{what} has a safetensors __metadata__ that is not a JSON object; re-upload it")
     spans = []
     for name, entry in table.items():
         try:
-            dtype, shape = entry["dtype"], tuple(int(x) for x in entry["shape"])
+            dtype, shape = str(entry["dtype"]), tuple(int(x) for x in entry["shape"])
             begin, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"{what}: tensor {name} has a malformed header entry ({exc}); re-upload it") from exc
