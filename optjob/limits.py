@@ -31,6 +31,13 @@ class ModelLimits(BaseModel):
     config_ranges: dict[str, tuple[int, int]]
 
 
+class RedactionRules(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    secret_name_words: tuple[str, ...]
+    secret_value_patterns: tuple[str, ...]
+
+
 class Limits(BaseModel):
     """``configs/limits.yaml``."""
 
@@ -38,6 +45,7 @@ class Limits(BaseModel):
 
     api: ApiLimits
     model: ModelLimits
+    redaction: RedactionRules
 
 
 @cache

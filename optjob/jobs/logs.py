@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from optjob.pipeline.events import Event
+from optjob.redaction import redact_text
 
 
 class JobLog:
@@ -40,6 +41,8 @@ class JobLog:
         self.append(record)
 
     def append(self, record: dict[str, Any]) -> None:
+        if "message" in record:  # a warning or event may quote a request's environment
+            record = {**record, "message": redact_text(record["message"])}
         line = (json.dumps(record, default=str) + "\n").encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

@@ -16,6 +16,7 @@ from optjob.errors import InputError
 from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import NULL_SINK, EventSink
 from optjob.pipeline.plan import Plan
+from optjob.redaction import redact_tree
 from optjob.storage.eula import model_card_gating
 from optjob.storage.inputs import check_model_dir
 from optjob.storage.publish import Publisher, publish_model
@@ -58,27 +59,32 @@ def fetch_source(
 def build_manifest(
     plan: Plan, job_arn: str, source: SourceModel, metrics: dict[str, Any], warnings: list[str]
 ) -> dict[str, Any]:
-    """What the manifest says about the job; publish adds files, sizes, hashes, versions and timings."""
-    return {
-        "job_name": plan.job_name,
-        "job_arn": job_arn,
-        "source": {"uri": source.fetched.source_uri, "etags": source.fetched.etags},
-        "target": plan.target.name,
-        "techniques": [
-            {
-                "technique": stage.technique,
-                "optimization_type": stage.optimization_type,
-                "engine": stage.engine,
-                "params": stage.params,
-                "env": stage.env,
-            }
-            for stage in plan.stages
-        ],
-        "metrics": metrics,
-        "warnings": warnings,
-        "recommended_inference_image": plan.recommended_image,
-        "plan": plan.model_dump(mode="json"),
-    }
+    """What the manifest says about the job; publish adds files, sizes, hashes, versions and timings.
+
+    Secret-looking environment values are redacted (``optjob.redaction``): the manifest is
+    published beside the model, for whoever reads the output, not only whoever made the job."""
+    return redact_tree(
+        {
+            "job_name": plan.job_name,
+            "job_arn": job_arn,
+            "source": {"uri": source.fetched.source_uri, "etags": source.fetched.etags},
+            "target": plan.target.name,
+            "techniques": [
+                {
+                    "technique": stage.technique,
+                    "optimization_type": stage.optimization_type,
+                    "engine": stage.engine,
+                    "params": stage.params,
+                    "env": stage.env,
+                }
+                for stage in plan.stages
+            ],
+            "metrics": metrics,
+            "warnings": warnings,
+            "recommended_inference_image": plan.recommended_image,
+            "plan": plan.model_dump(mode="json"),
+        }
+    )
 
 
 def publish_output(

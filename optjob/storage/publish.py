@@ -250,11 +250,10 @@ def _check_destination(
     if overwrite:
         return
     if existing is not None and existing.get("job_arn") != job_arn:
-        owner = existing.get("job_name") or existing.get("job_arn") or "an unknown job"
         raise InputError(
-            f"OutputConfig.S3OutputLocation {location.uri} already holds the published model of job "
-            f"{owner} ({existing.get('job_arn', 'no ARN')}); it is not overwritten. Choose another "
-            "S3OutputLocation, delete that prefix, or allow overwriting."
+            f"OutputConfig.S3OutputLocation {location.uri} already holds the published model of "
+            f"{_owner(existing, job_arn)}; it is not overwritten. Choose another S3OutputLocation, delete that "
+            "prefix, or allow overwriting."
         )
     foreign = [key for key in keys if key[len(location.prefix) :] not in RESERVED_NAMES]
     if existing is None and foreign:
@@ -262,6 +261,21 @@ def _check_destination(
             f"OutputConfig.S3OutputLocation {location.uri} already holds {len(foreign)} object(s) "
             f"(e.g. {foreign[0]}) that no optjob job published. Choose an empty prefix, or allow overwriting."
         )
+
+
+def _arn_account(arn: Any) -> str | None:
+    parts = arn.split(":") if isinstance(arn, str) else []
+    return parts[4] if len(parts) > 5 and parts[4] else None
+
+
+def _owner(existing: dict[str, Any], job_arn: str) -> str:
+    """Which job holds the prefix, as far as the caller may know: a job of its own account by name
+    and ARN, any other as "a job of another account" (its name and account number are that
+    account's business, even when both write to one bucket)."""
+    arn = existing.get("job_arn")
+    if _arn_account(arn) is None or _arn_account(arn) != _arn_account(job_arn):
+        return "a job of another account (or of unknown origin)"
+    return f"job {existing.get('job_name') or arn} ({arn})"
 
 
 class Publisher:
