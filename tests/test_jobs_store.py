@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 
 from optjob.jobs.service import JobService
-from optjob.jobs.store import SCHEMA_VERSION, Store
+from optjob.jobs.store import SCHEMA_VERSION, ConsoleSession, Store
 from optjob.settings import Settings, load_settings
 from tests.test_jobs_support import home, make_request, service, settings  # noqa: F401
 
@@ -73,6 +73,8 @@ def test_schema_2_database_gains_the_executor_columns(service: JobService) -> No
     conn = sqlite3.connect(db_path)
     conn.execute("ALTER TABLE jobs DROP COLUMN executor_ref")
     conn.execute("ALTER TABLE jobs DROP COLUMN attempts")
+    conn.execute("ALTER TABLE jobs DROP COLUMN outcome_json")  # schema 4's
+    conn.execute("DROP TABLE console_sessions")
     conn.execute("PRAGMA user_version=2")
     conn.commit()
     conn.close()
@@ -82,3 +84,27 @@ def test_schema_2_database_gains_the_executor_columns(service: JobService) -> No
     assert sqlite3.connect(db_path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     record = migrated.get("old")
     assert (record.status, record.attempts, record.executor_ref) == ("STARTING", 0, None)
+
+
+def test_schema_3_database_gains_outcomes_and_console_sessions(service: JobService) -> None:
+    """A data directory written before the console keeps its jobs and gains outcome_json and the
+    sessions table; the migrated store records and returns both."""
+    service.create(make_request("older"))
+    db_path = service.settings.db_path
+    conn = sqlite3.connect(db_path)
+    conn.execute("ALTER TABLE jobs DROP COLUMN outcome_json")
+    conn.execute("DROP TABLE console_sessions")
+    conn.execute("PRAGMA user_version=3")
+    conn.commit()
+    conn.close()
+    migrated = Store(db_path)
+    assert sqlite3.connect(db_path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert migrated.get("older").outcome == {}
+    assert migrated.transition("older", expect=("STARTING",), outcome_json='{"failure_kind": "input"}')
+    assert migrated.get("older").outcome == {"failure_kind": "input"}
+    session = ConsoleSession("ab" * 32, "AKIA", "us-east-1", "csrf", created=100.0, expires=200.0)
+    migrated.create_session(session)
+    assert migrated.get_session("ab" * 32, now=150.0) == session
+    assert migrated.get_session("ab" * 32, now=250.0) is None  # expired
+    migrated.delete_session("ab" * 32)
+    assert migrated.get_session("ab" * 32, now=150.0) is None

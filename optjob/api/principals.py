@@ -4,6 +4,8 @@ The credentials file is the ``~/.aws/credentials`` format: each section is a pri
 is the section's), with ``aws_access_key_id``/``aws_secret_access_key`` and, optionally,
 ``aws_account_id`` (12 digits; the key botocore itself reads for account-based endpoints). A key
 without an account belongs to the home account, so a single-tenant file keeps working unchanged.
+``optjob_console = read-write`` lets a principal stop and delete jobs from the web console, which is
+read-only for everyone else (the API's rights are the same either way).
 ``OPTJOB_AUTH_KEYS=AKID:SECRET,...`` adds home-account keys named by their key id. The file is
 refused when other users of the host can read it.
 """
@@ -19,6 +21,7 @@ from optjob.secret_files import SecretFileError, read_private_ini
 
 CREDENTIALS_FILE_ENV = "OPTJOB_CREDENTIALS_FILE"
 AUTH_KEYS_ENV = "OPTJOB_AUTH_KEYS"
+CONSOLE_ACCESS_KEY = "optjob_console"
 _ACCOUNT = re.compile(r"^\d{12}$")
 
 
@@ -30,6 +33,7 @@ class Principal:
     account_id: str
     access_key_id: str
     secret_access_key: str = field(repr=False)
+    console_write: bool = False  # may stop and delete jobs from the web console (optjob_console = read-write)
 
 
 def load_principals(home_account: str, credentials_file: str | Path | None = None) -> dict[str, Principal]:
@@ -54,7 +58,13 @@ def load_principals(home_account: str, credentials_file: str | Path | None = Non
                     f"credentials file {path}: access key {key_id} appears in [{principals[key_id].name}] and "
                     f"[{section}]; each key belongs to one principal"
                 )
-            principals[key_id] = Principal(section, account, key_id, secret)
+            console = parser.get(section, CONSOLE_ACCESS_KEY, fallback="read-only").strip()
+            if console not in ("read-only", "read-write"):
+                raise SecretFileError(
+                    f"credentials file {path}: section [{section}] has {CONSOLE_ACCESS_KEY} = '{console}'; "
+                    "use read-only (the default) or read-write"
+                )
+            principals[key_id] = Principal(section, account, key_id, secret, console_write=console == "read-write")
     for pair in filter(None, (p.strip() for p in os.environ.get(AUTH_KEYS_ENV, "").split(","))):
         key_id, sep, secret = pair.partition(":")
         if not sep or not key_id or not secret:

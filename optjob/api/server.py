@@ -34,9 +34,11 @@ from optjob.api.errors import (
     load_json,
     truncate,
 )
+from optjob.api.observability import observability
 from optjob.api.principals import Principal
 from optjob.api.shapes import OPERATIONS
 from optjob.api.sigv4 import IncomingRequest, check_headers, verify
+from optjob.console.routes import console_routes
 from optjob.jobs.tenancy import Caller
 from optjob.limits import limits
 
@@ -68,9 +70,16 @@ def create_app(
     principals: dict[str, Principal] | None,
     audit: AuditLog | None = None,
     anonymous: Caller | None = None,
+    *,
+    home_region: str = "us-east-1",
+    executor_alive: Callable[[], bool | None] | None = None,
 ) -> Starlette:
     """The ASGI app. ``principals`` maps access key ids to callers; ``None`` disables authentication
-    and every request is ``anonymous`` (None: the service's home caller)."""
+    and every request is ``anonymous`` (None: the service's home caller).
+
+    Beside the API at ``POST /``: the web console under ``/console/`` (``home_region``: the sign-in
+    form's default) and ``/metrics``, ``/healthz``, ``/readyz`` (``executor_alive``: see
+    ``optjob.api.observability``)."""
     service_holder: list[Service] = []
     secrets = {key: p.secret_access_key for key, p in (principals or {}).items()}
 
@@ -127,7 +136,9 @@ def create_app(
             if audit is not None:
                 _audit(audit, request, operation or target, outcome, request_id, caller, data)
 
-    return Starlette(routes=[Route("/", endpoint, methods=["POST"])])
+    routes, timing = observability(service, executor_alive=executor_alive or (lambda: None))
+    routes += console_routes(service, principals, anonymous=anonymous, home_region=home_region)
+    return Starlette(routes=[Route("/", endpoint, methods=["POST"]), *routes], middleware=[timing])
 
 
 class RequestTooLarge(ValidationException):

@@ -13,8 +13,10 @@ contract (the SageMaker SDK raises ``CapacityError`` when the reason contains it
 
 from __future__ import annotations
 
+import json
 import re
 import signal
+from typing import Any
 
 from optjob.errors import MAX_REASON, clip_words, first_line
 from optjob.jobs.logs import JobLog
@@ -149,13 +151,15 @@ def fail(
     expect: tuple[str, ...] = ACTIVE_STATUSES,
     category: str | None = None,
     where_pid: tuple[int | None, ...] | None = None,
+    outcome: dict[str, Any] | None = None,
 ) -> bool:
     """Move the job ``key`` to FAILED with ``reason`` if its status is in ``expect`` (and, with
     ``where_pid``, its worker is one of those); log it if we did."""
     full = reason
     record = store.get(key)
     reason = clip_reason(reason, job=record.name if record else key)
-    if not store.transition(key, expect=expect, to="FAILED", failure_reason=reason, where_pid=where_pid):
+    recorded = {"outcome_json": json.dumps(outcome)} if outcome else {}
+    if not store.transition(key, expect=expect, to="FAILED", failure_reason=reason, where_pid=where_pid, **recorded):
         return False
     if record is not None:
         JobLog(record.log_path).write(

@@ -34,7 +34,7 @@ from optjob.api.shapes import TERMINAL_STATUSES, CreateOptimizationJobRequest
 if TYPE_CHECKING:
     from optjob.pipeline.plan import Plan
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 ACTIVE_STATUSES: tuple[str, ...] = ("STARTING", "INPROGRESS", "STOPPING")
 FINAL_STATUSES: tuple[str, ...] = tuple(sorted(TERMINAL_STATUSES))
 
@@ -69,11 +69,22 @@ CREATE TABLE jobs (
     role_source        TEXT NOT NULL,       -- where the worker gets RoleArn's credentials (never the secrets)
     executor_ref       TEXT,                -- what a non-process executor runs the job as (a Ray actor's name)
     attempts           INTEGER NOT NULL DEFAULT 0,  -- attempts started (more than one after a lost node)
+    outcome_json       TEXT,                -- how it ended: figures, sizes, warnings (see JobRecord.outcome)
     UNIQUE (account_id, region, name)
 );
 CREATE INDEX jobs_by_creation ON jobs (account_id, region, creation_time, name);
 CREATE INDEX jobs_by_status ON jobs (status, name);
 CREATE INDEX jobs_by_modified ON jobs (account_id, region, last_modified_time)
+"""
+_SESSIONS_TABLE = """
+CREATE TABLE console_sessions (
+    token_sha256  TEXT PRIMARY KEY,        -- the cookie's token is never stored, only its hash
+    access_key_id TEXT NOT NULL,           -- the signed-in principal's key (its secret is never stored)
+    region        TEXT NOT NULL,
+    csrf_token    TEXT NOT NULL,
+    created       REAL NOT NULL,
+    expires       REAL NOT NULL
+)
 """
 _SCHEMA = (
     _JOBS_TABLE
@@ -84,6 +95,7 @@ CREATE TABLE models (
     creation_time REAL NOT NULL
 );
 """
+    + _SESSIONS_TABLE
 )
 
 
@@ -137,6 +149,7 @@ class JobRecord:
     role_source: str
     executor_ref: str | None = None
     attempts: int = 0
+    outcome_json: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -153,6 +166,13 @@ class JobRecord:
     @property
     def tags(self) -> list[dict[str, str]]:
         return json.loads(self.tags_json)
+
+    @property
+    def outcome(self) -> dict[str, Any]:
+        """What the worker recorded when the job ended (``optjob.pipeline.outcome.outcome_summary``):
+        per-stage figures, sizes and warnings; empty for a job that has not ended or ended before
+        schema 4."""
+        return json.loads(self.outcome_json) if self.outcome_json else {}
 
 
 JOB_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(JobRecord))
@@ -189,6 +209,18 @@ class ModelRecord:
     name: str
     s3_uri: str
     creation_time: float
+
+
+@dataclass(frozen=True)
+class ConsoleSession:
+    """A signed-in console user: which key signed in, for which region, until when."""
+
+    token_sha256: str
+    access_key_id: str
+    region: str
+    csrf_token: str
+    created: float
+    expires: float
 
 
 class Store:
@@ -245,9 +277,13 @@ class Store:
             if version == 0:
                 _run_script(conn, _SCHEMA)
             elif version == 1:
-                _migrate_v1(conn)
+                _migrate_v1(conn)  # rebuilds jobs in the current shape
+                _run_script(conn, _SESSIONS_TABLE)
             elif version == 2:
                 _migrate_v2(conn)
+                _migrate_v3(conn)
+            elif version == 3:
+                _migrate_v3(conn)
             if version < SCHEMA_VERSION:
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
@@ -381,6 +417,47 @@ class Store:
         rows = self._conn.execute("SELECT * FROM models ORDER BY name").fetchall()
         return [ModelRecord(**dict(row)) for row in rows]
 
+    # --- the console's sign-in sessions ----------------------------------------------------
+
+    def create_session(self, session: ConsoleSession) -> None:
+        """Store a new session and drop every expired one (sessions are few; this keeps the table small)."""
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM console_sessions WHERE expires < ?", (session.created,))
+            conn.execute(
+                "INSERT INTO console_sessions (token_sha256, access_key_id, region, csrf_token, created, expires) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (session.token_sha256, session.access_key_id, session.region, session.csrf_token,
+                 session.created, session.expires),
+            )  # fmt: skip
+
+    def get_session(self, token_sha256: str, *, now: float) -> ConsoleSession | None:
+        row = self._conn.execute(
+            "SELECT * FROM console_sessions WHERE token_sha256 = ? AND expires >= ?", (token_sha256, now)
+        ).fetchone()
+        return ConsoleSession(**dict(row)) if row else None
+
+    def delete_session(self, token_sha256: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM console_sessions WHERE token_sha256 = ?", (token_sha256,))
+
+    def count_by_status_and_type(self) -> list[tuple[str, str, int]]:
+        """(status, optimization types as stored, jobs) over every tenant: what /metrics reports."""
+        rows = self._conn.execute(
+            "SELECT status, optimization_types, COUNT(*) AS n FROM jobs GROUP BY status, optimization_types"
+        ).fetchall()
+        return [(row["status"], row["optimization_types"], int(row["n"])) for row in rows]
+
+    def ended(self) -> list[JobRecord]:
+        """Every terminal job, for the figures /metrics derives from how jobs ended."""
+        rows = self._conn.execute(
+            f"SELECT * FROM jobs WHERE status IN ({_marks(FINAL_STATUSES)})", FINAL_STATUSES
+        ).fetchall()
+        return [_record(row) for row in rows]
+
+    def ping(self) -> None:
+        """Raise if the database cannot be read (``/readyz``)."""
+        self._conn.execute("SELECT 1 FROM jobs LIMIT 1").fetchall()
+
 
 def _marks(items: Sequence[Any]) -> str:
     return ", ".join("?" for _ in items)
@@ -462,10 +539,17 @@ def starting_record(
     )
 
 
-_V3_COLUMNS = ("executor_ref", "attempts")
+_V3_COLUMNS = ("executor_ref", "attempts", "outcome_json")
 
 
 def _migrate_v2(conn: sqlite3.Connection) -> None:
     """Schema 2 to 3: the executor's reference to a job's worker and the attempt count (for retries)."""
     conn.execute("ALTER TABLE jobs ADD COLUMN executor_ref TEXT")
     conn.execute("ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
+
+
+def _migrate_v3(conn: sqlite3.Connection) -> None:
+    """Schema 3 to 4: how each job ended (its figures, for the console and /metrics) and the console's
+    sign-in sessions."""
+    conn.execute("ALTER TABLE jobs ADD COLUMN outcome_json TEXT")
+    _run_script(conn, _SESSIONS_TABLE)

@@ -28,7 +28,7 @@ from typing import Any
 
 import psutil
 
-from optjob.errors import JobCancelled, JobFailed
+from optjob.errors import JobCancelled, JobFailed, VerificationFailed
 from optjob.jobs.logs import JobLog
 from optjob.jobs.outcomes import clip_reason, end_stopping, fail, internal_error_reason, interrupted_reason
 from optjob.jobs.store import JobRecord, Store, now_ms
@@ -126,13 +126,15 @@ class Worker:
         except JobCancelled:
             return self._cancelled()
         except JobFailed as exc:
-            self._fail(str(exc), category=exc.category)
+            kind = "verification" if isinstance(exc, VerificationFailed) else exc.category
+            self._fail(str(exc), category=exc.category, outcome={"failure_kind": kind})
             return EXIT_INPUT if exc.category == "input" else EXIT_INFRASTRUCTURE
         except Exception as exc:  # noqa: BLE001 - any bug must still end the job FAILED, with a reason
             self.log.write(
                 "worker", "error", f"{type(exc).__name__}: {exc}", level="error", traceback=traceback.format_exc()
             )
-            self._fail(internal_error_reason(exc, job=record.name), category="internal")
+            self._fail(internal_error_reason(exc, job=record.name), category="internal",
+                       outcome={"failure_kind": "internal"})  # fmt: skip
             return EXIT_INTERNAL
         return self._complete(outcome)
 
@@ -207,6 +209,7 @@ class Worker:
             expect=("INPROGRESS", "STOPPING"),
             to="COMPLETED",
             output_image=outcome.recommended_image,
+            outcome_json=json.dumps(outcome.summary(), default=str),
             where_pid=(self.pid,),
         )
         if done:
@@ -223,9 +226,10 @@ class Worker:
             end_stopping(self.store, self.key, "stopped cleanly; partial output discarded")
         return EXIT_STOPPED
 
-    def _fail(self, reason: str, *, category: str) -> None:
+    def _fail(self, reason: str, *, category: str, outcome: dict[str, Any] | None = None) -> None:
         """INPROGRESS -> FAILED; if a Stop or timeout got there first, that stop's outcome wins."""
-        if not fail(self.store, self.key, reason, expect=("INPROGRESS",), category=category, where_pid=(self.pid,)):
+        if not fail(self.store, self.key, reason, expect=("INPROGRESS",), category=category,
+                    where_pid=(self.pid,), outcome=outcome):  # fmt: skip
             end_stopping(self.store, self.key, f"ended while failing: {clip_reason(reason, job=self.key)}")
 
     # --- plumbing ------------------------------------------------------------------------

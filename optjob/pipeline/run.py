@@ -180,6 +180,9 @@ def run_plan(
             cancel.raise_if_cancelled()
             manifest = build_manifest(plan, job_arn, source, outcome.metrics, outcome.warnings)
             claimed = staging.publisher if staging is not None else None
+            outcome.source_bytes = source.fetched.total_bytes
+            outcome.bytes_downloaded = source.fetched.bytes_downloaded
+            outcome.output_bytes = sum(path.stat().st_size for path in final_dir.rglob("*") if path.is_file())
             outcome.published = publish_output(plan, final_dir, manifest, settings=storage, events=events,
                                                cancel=cancel, publisher=claimed)  # fmt: skip
         except BaseException:

@@ -288,7 +288,9 @@ def run_tensor_streaming(
         warnings = list(dict.fromkeys([*plan.all_warnings, *result.warnings]))
         manifest = build_manifest(plan, job_arn, SourceModel(path=source_dir, fetched=fetched), metrics, warnings)
         published = publisher.commit(out_dir, manifest)
-        return RunOutcome(plan.recommended_image, warnings, metrics, [file.path for file in published.files])
+        return RunOutcome(plan.recommended_image, warnings, metrics, [file.path for file in published.files],
+                          source_bytes=fetched.total_bytes, output_bytes=published.total_bytes,
+                          bytes_downloaded=fetched.bytes_downloaded)  # fmt: skip
     except BaseException:
         if farmed is not None:
             farmed.stop()

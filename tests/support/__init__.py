@@ -1,0 +1,1 @@
+"""Helpers the tests share (servers, browsers, models); no tests live here."""
