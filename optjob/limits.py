@@ -38,6 +38,21 @@ class RedactionRules(BaseModel):
     secret_value_patterns: tuple[str, ...]
 
 
+class ArchiveLimits(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_total_gib: float = Field(gt=0)
+    max_files: int = Field(gt=0)
+    max_ratio: float = Field(gt=1)
+    ratio_floor_mib: float = Field(ge=0)
+
+
+class ModelFiles(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    keep: tuple[str, ...]
+
+
 class Limits(BaseModel):
     """``configs/limits.yaml``."""
 
@@ -46,6 +61,8 @@ class Limits(BaseModel):
     api: ApiLimits
     model: ModelLimits
     redaction: RedactionRules
+    archive: ArchiveLimits
+    model_files: ModelFiles
 
 
 @cache

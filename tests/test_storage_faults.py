@@ -43,7 +43,7 @@ def proxy(s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch) -> Iterator[Faul
 @pytest.fixture
 def model(tmp_path: Path) -> Path:
     path = write_tiny_model(tmp_path / "model")
-    (path / "big.safetensors.part").write_bytes(os.urandom(11 * MiB))  # multipart-sized
+    (path / "big-part.bin").write_bytes(os.urandom(11 * MiB))  # multipart-sized; a name sources keep
     return path
 
 
@@ -89,7 +89,7 @@ def test_download_that_never_succeeds_fails_cleanly(
     cache = tmp_path / "cache"
     settings = SETTINGS.model_copy(update={"cache_dir": cache, "max_attempts": 2})
     proxy.cut_connections(after_bytes=200_000, direction="down", count=None)
-    with pytest.raises(InfrastructureError, match=r"Cannot download s3://.*/m/big.safetensors.part"):
+    with pytest.raises(InfrastructureError, match=r"Cannot download s3://.*/m/big-part.bin"):
         fetch_model(s3_bucket.uri("m/"), tmp_path / "dest", settings=settings)
     assert not (tmp_path / "dest").exists()
     assert list(cache.iterdir()) == []  # no staging dir, no cache entry, no marker
@@ -112,7 +112,7 @@ def test_upload_survives_dropped_connections(s3_bucket: S3Bucket, proxy: FaultPr
 def test_upload_that_never_succeeds_leaves_no_manifest(s3_bucket: S3Bucket, proxy: FaultProxy, model: Path) -> None:
     settings = SETTINGS.model_copy(update={"max_attempts": 2})
     proxy.cut_connections(after_bytes=1 * MiB, direction="up", count=None)
-    with pytest.raises(InfrastructureError, match=r"Cannot upload s3://.*/out/big.safetensors.part"):
+    with pytest.raises(InfrastructureError, match=r"Cannot upload s3://.*/out/big-part.bin"):
         publish_model(model, s3_bucket.uri("out/"), manifest=JOB, kms_key_id=None, settings=settings)
     # Inspect through the direct client, not the proxy.
     assert s3_bucket.keys("out/") == []

@@ -113,7 +113,7 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile
         (_member("dev", tarfile.CHRTYPE), None, "device, FIFO or other special file"),
         (_member("fifo", tarfile.FIFOTYPE), None, "device, FIFO or other special file"),
         (_member("config.json"), b"{}", "holds config.json twice"),
-        (_member("config.json/nested"), b"x", "not a valid .tar.gz archive"),
+        (_member("config.json/nested.json"), b"x", "not a valid .tar.gz archive"),
     ],
 )
 def test_unsafe_archive_members_refused(

@@ -274,7 +274,7 @@ def run_tensor_streaming(
         fetched = FetchedModel(
             source_uri=plan.source.s3_uri, path=source_dir, files=files, total_bytes=sum(f.size for f in files),
             etags={remote.key: remote.etag for remote in fetch.remotes.values()}, archive=False, from_cache=False,
-            bytes_downloaded=small_files.bytes_downloaded + shards.bytes_done,
+            bytes_downloaded=small_files.bytes_downloaded + shards.bytes_done, dropped=fetch.dropped,
         )  # fmt: skip
         check_model_dir(source_dir, allow_pickle=os.environ.get(ALLOW_PICKLE_ENV) == "1")
         cancel.raise_if_cancelled()

@@ -18,7 +18,7 @@ from optjob.pipeline.events import NULL_SINK, EventSink
 from optjob.pipeline.plan import Plan
 from optjob.redaction import redact_tree
 from optjob.storage.eula import model_card_gating
-from optjob.storage.inputs import check_model_dir
+from optjob.storage.inputs import check_model_dir, dropped_warning
 from optjob.storage.publish import Publisher, publish_model
 from optjob.storage.s3 import S3Settings
 from optjob.storage.source import FetchedModel, fetch_model
@@ -80,7 +80,7 @@ def build_manifest(
                 for stage in plan.stages
             ],
             "metrics": metrics,
-            "warnings": warnings,
+            "warnings": [*warnings, *dropped_warning(source.fetched.dropped)],
             "recommended_inference_image": plan.recommended_image,
             "plan": plan.model_dump(mode="json"),
         }

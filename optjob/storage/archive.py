@@ -5,6 +5,8 @@ and a dropped connection resumes from the byte it reached (pinned to the object'
 concurrent overwrite cannot splice two versions). Members are written by hand instead of with
 ``extractall``: only plain files and directories with relative, ``..``-free names are accepted,
 and every link, device or duplicate is refused, because the archive's author chooses those names.
+The archive's declared sizes are held to ``configs/limits.yaml`` (total bytes, member count, and
+expansion ratio, so a bomb is refused on its headers) and only model files are written.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 from urllib3.exceptions import HTTPError
 
 from optjob.errors import InfrastructureError, InputError
+from optjob.limits import limits
 from optjob.pipeline.cancel import CancelToken
-from optjob.storage.inputs import safe_relative_path
+from optjob.storage.inputs import is_model_file, safe_relative_path
 from optjob.storage.s3 import MiB, S3Client, storage_error
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
@@ -57,6 +60,10 @@ class RangeReader(io.RawIOBase):
         self._body: object | None = None
         self.position = 0
         self.sha256 = hashlib.sha256()
+
+    @property
+    def size(self) -> int:
+        return self._size
 
     @property
     def uri(self) -> str:
@@ -130,19 +137,58 @@ def _write_member(source: io.BufferedReader, target: Path, rel: str, cancel: Can
     return written
 
 
-def extract_tar_stream(reader: RangeReader, dest: Path, cancel: CancelToken) -> list[str]:
+class _Budget:
+    """What the archive has declared so far, against ``configs/limits.yaml`` ``archive``.
+
+    Tar headers give each member's size before its bytes, so a member that would pass a limit is
+    refused before it is decompressed or written: a bomb costs its headers, not its contents."""
+
+    def __init__(self, uri: str, compressed_bytes: int) -> None:
+        rules = limits().archive
+        self.uri, self.compressed = uri, max(compressed_bytes, 1)
+        self.max_total, self.max_files = int(rules.max_total_gib * 2**30), rules.max_files
+        self.max_ratio, self.floor = rules.max_ratio, int(rules.ratio_floor_mib * MiB)
+        self.total = self.members = 0
+
+    def admit(self, name: str, size: int) -> None:
+        self.total += size
+        self.members += 1
+        fix = "Upload the model directory as a prefix, or an archive of only the model's files."
+        if self.members > self.max_files:
+            raise InputError(f"{self.uri} holds more than {self.max_files} members (configs/limits.yaml). {fix}")
+        if self.total > self.max_total:
+            raise InputError(
+                f"{self.uri} declares more than {self.max_total // 2**30} GiB of files (at member {name[:200]!r}, "
+                f"{self.total} bytes in all). {fix}"
+            )
+        ratio = self.total / self.compressed
+        if self.total > self.floor and ratio > self.max_ratio:
+            raise InputError(
+                f"{self.uri} expands to {self.total} bytes from {self.compressed} compressed (ratio {ratio:.0f}:1 "
+                f"at member {name[:200]!r}, the limit is {self.max_ratio:g}:1): it is refused as a decompression "
+                f"bomb. {fix}"
+            )
+
+
+def extract_tar_stream(
+    reader: RangeReader, dest: Path, cancel: CancelToken, *, dropped: list[str] | None = None
+) -> list[str]:
     """Extract the gzip'd tar ``reader`` yields into ``dest``; returns the files written.
 
-    Raises InputError for an unsafe member or a corrupt archive; the caller removes ``dest``.
+    Only model files (``inputs.is_model_file``) are written; the others are named in ``dropped``.
+    Every member counts against the archive limits, written or not. Raises InputError for an
+    unsafe member, a corrupt archive or one over the limits; the caller removes ``dest``.
     """
     buffered = io.BufferedReader(reader, buffer_size=_CHUNK)
     files: list[str] = []
     what = f"Archive member of {reader.uri}"
+    budget = _Budget(reader.uri, reader.size)
     try:
         with tarfile.open(fileobj=buffered, mode="r|gz") as archive:
             for member in archive:
                 cancel.raise_if_cancelled()
                 rel = safe_relative_path(member.name, what=what)
+                budget.admit(member.name, max(member.size, 0))
                 if member.issym() or member.islnk():
                     kind = "symbolic link" if member.issym() else "hard link"
                     raise InputError(
@@ -159,6 +205,10 @@ def extract_tar_stream(reader: RangeReader, dest: Path, cancel: CancelToken) -> 
                     )
                 if not rel.parts:
                     raise InputError(f"{what} {member.name!r} is a file without a name.")
+                if not is_model_file(rel.as_posix()):
+                    if dropped is not None:
+                        dropped.append(rel.as_posix())
+                    continue  # tarfile skips its bytes when the next member is read
                 target = dest / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 source = archive.extractfile(member)

@@ -10,6 +10,7 @@ FailureReason, so it names the file and says what to do.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 import re
@@ -73,6 +74,23 @@ def safe_relative_path(name: str, *, what: str) -> PurePosixPath:
     if "//" in name.rstrip("/"):
         raise InputError(f"{what} {name!r} contains an empty path segment ('//'). {fix}")
     return PurePosixPath(*parts)
+
+
+def is_model_file(rel: str) -> bool:
+    """Whether a source file is part of a model (``configs/limits.yaml`` ``model_files.keep``, on its
+    name): the rest of a prefix or archive, a model's own Python code included, is left behind."""
+    name = PurePosixPath(rel).name.lower()
+    return any(fnmatch.fnmatchcase(name, pattern.lower()) for pattern in limits().model_files.keep)
+
+
+def dropped_warning(dropped: list[str]) -> list[str]:
+    """The manifest warning naming the source files that were not carried through (none: [])."""
+    if not dropped:
+        return []
+    code = [rel for rel in dropped if rel.lower().endswith(".py")]
+    shown = ", ".join(sorted(dropped)[:5]) + (f" and {len(dropped) - 5} more" if len(dropped) > 5 else "")
+    why = "; the model's own Python code (auto_map) is never run or republished" if code else ""
+    return [f"{len(dropped)} source file(s) that are not model files were left out: {shown}{why}"]
 
 
 def _walk(root: Path) -> list[tuple[str, os.stat_result]]:

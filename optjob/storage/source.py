@@ -32,14 +32,14 @@ from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import NULL_SINK, EventSink
 from optjob.storage.archive import RangeReader, extract_tar_stream, is_archive_key
 from optjob.storage.hashing import sha256_files
-from optjob.storage.inputs import safe_relative_path
+from optjob.storage.inputs import is_model_file, safe_relative_path
 from optjob.storage.layout import MANIFEST_NAME, RESERVED_NAMES, SHA256_METADATA
 from optjob.storage.s3 import MiB, S3Client, S3Settings, make_client, storage_error
 from optjob.storage.transfer import TransferTask, run_transfers
 from optjob.storage.uri import S3Location, parse_s3_uri
 
 STAGE = "download"
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: only model files are cached (entries of 1 may hold others)
 
 
 class FetchedFile(BaseModel):
@@ -70,6 +70,8 @@ class FetchedModel(BaseModel):
     archive: bool
     from_cache: bool
     bytes_downloaded: int
+    dropped: list[str] = []
+    """Source files that are not model files (``inputs.is_model_file``), left behind."""
 
 
 @dataclass(frozen=True)
@@ -119,8 +121,15 @@ def _source_manifest(client: S3Client, location: S3Location) -> dict[str, tuple[
 
 
 def list_remote_files(
-    client: S3Client, location: S3Location, settings: S3Settings, cancel: CancelToken
+    client: S3Client,
+    location: S3Location,
+    settings: S3Settings,
+    cancel: CancelToken,
+    *,
+    dropped: list[str] | None = None,
 ) -> list[RemoteFile]:
+    """The model files under ``location`` (``inputs.is_model_file``); others are named in ``dropped``
+    and never downloaded."""
     prefix = location.prefix
     keys: list[tuple[str, str]] = []
     has_manifest = False
@@ -150,6 +159,9 @@ def list_remote_files(
                     "a directory cannot hold both. Remove one of them."
                 )
             parent = parent.parent
+    if dropped is not None:  # a layout that is unsafe is refused above even where its files are not kept
+        dropped.extend(rel for _, rel in keys if not is_model_file(rel))
+    keys = [(key, rel) for key, rel in keys if is_model_file(rel)]
     if not keys:
         raise InputError(
             f"No objects under {location.uri}. ModelSource.S3.S3Uri must be a prefix holding the model "
@@ -229,7 +241,13 @@ def checked_download(remote: RemoteFile, task: TransferTask, digest: str) -> Fet
 
 
 def _download_archive(
-    client: S3Client, remote: RemoteFile, bucket: str, staging: Path, events: EventSink, cancel: CancelToken
+    client: S3Client,
+    remote: RemoteFile,
+    bucket: str,
+    staging: Path,
+    events: EventSink,
+    cancel: CancelToken,
+    dropped: list[str],
 ) -> tuple[int, list[FetchedFile]]:
     uri = f"s3://{bucket}/{remote.key}"
     attempts = int(client.meta.config.retries.get("total_max_attempts", 5))
@@ -246,7 +264,7 @@ def _download_archive(
     reader = RangeReader(client, bucket, remote.key, etag=remote.etag, size=remote.size,
                          attempts=attempts, cancel=cancel, on_bytes=on_bytes)  # fmt: skip
     with reader:
-        names = extract_tar_stream(reader, staging, cancel)
+        names = extract_tar_stream(reader, staging, cancel, dropped=dropped)
     if reader.position != remote.size:
         raise InfrastructureError(f"Read {reader.position} bytes of {uri}, which is {remote.size}. Retry.")
     digest = reader.sha256.hexdigest()
@@ -336,17 +354,19 @@ def fetch_model(
         raise ValueError(f"fetch_model needs an absent or empty destination, and {dest} is not")
     events(STAGE, "list", 0.0, f"listing {location.uri}")
     archive = is_archive_key(location.key)
+    dropped: list[str] = []
     if archive:
         head = _head(client, location.bucket, location.key)
         remotes = [RemoteFile(location.key, "", int(head["ContentLength"]), head["ETag"], _recorded_sha256(head))]
     else:
-        remotes = list_remote_files(client, location, settings, cancel)
+        remotes = list_remote_files(client, location, settings, cancel, dropped=dropped)
     etags = {remote.key: remote.etag for remote in remotes}
     cache_key = _cache_key(location, remotes)
 
     def result(root: Path, files: list[FetchedFile], from_cache: bool, moved: int) -> FetchedModel:
         return FetchedModel(source_uri=uri, path=root, files=files, total_bytes=sum(f.size for f in files),
-                            etags=etags, archive=archive, from_cache=from_cache, bytes_downloaded=moved)  # fmt: skip
+                            etags=etags, archive=archive, from_cache=from_cache, bytes_downloaded=moved,
+                            dropped=dropped)  # fmt: skip
 
     cache_dir = settings.cache_dir
     if cache_dir is not None:
@@ -354,6 +374,7 @@ def fetch_model(
         record = _cache_lookup(entry, marker)
         if record is not None:
             files = [FetchedFile.model_validate(item) for item in record["files"]]
+            dropped.extend(record.get("dropped", []))
             events(STAGE, "cache", 0.0, f"{location.uri} is cached (same ETags); not downloading")
             _copy_files(entry, dest, files, events, cancel)
             return result(_model_root(dest), files, True, 0)
@@ -364,13 +385,14 @@ def fetch_model(
     staging.chmod(0o755)  # mkdtemp's 0700 would follow the directory to its final place
     try:
         if archive:
-            moved, files = _download_archive(client, remotes[0], location.bucket, staging, events, cancel)
+            moved, files = _download_archive(client, remotes[0], location.bucket, staging, events, cancel, dropped)
         else:
             moved, files = _download_prefix(client, settings, remotes, staging, location.bucket, events, cancel)
         if cache_dir is None:
             _install(staging, dest)
         else:
-            _store_in_cache(staging, entry, marker, {"source_uri": location.uri, "etags": etags}, files)
+            record = {"source_uri": location.uri, "etags": etags, "dropped": dropped}
+            _store_in_cache(staging, entry, marker, record, files)
             _copy_files(entry, dest, files, events, cancel)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

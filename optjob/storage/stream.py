@@ -55,9 +55,9 @@ class StreamingFetch:
         self.settings = settings or S3Settings()
         self.cancel = (cancel or CancelToken()).child()  # stop() ends this fetch, not the job
         self.client = client or make_client(self.settings)
-        self.remotes: dict[str, RemoteFile] = {
-            remote.rel: remote for remote in list_remote_files(self.client, self.location, self.settings, self.cancel)
-        }
+        self.dropped: list[str] = []  # not model files: never downloaded, named in the manifest's warnings
+        listed = list_remote_files(self.client, self.location, self.settings, self.cancel, dropped=self.dropped)
+        self.remotes: dict[str, RemoteFile] = {remote.rel: remote for remote in listed}
         self.files: dict[str, FetchedFile] = {}
         self.bytes_done = 0
         self._ready = {rel: threading.Event() for rel in self.remotes}
@@ -126,7 +126,7 @@ class StreamingFetch:
         return FetchedModel(
             source_uri=self.uri, path=self.dest, files=files, total_bytes=sum(f.size for f in files),
             etags={remote.key: remote.etag for remote in self.remotes.values()},
-            archive=False, from_cache=False, bytes_downloaded=self.bytes_done,
+            archive=False, from_cache=False, bytes_downloaded=self.bytes_done, dropped=self.dropped,
         )  # fmt: skip
 
     def stop(self) -> None:
