@@ -1,7 +1,7 @@
 """Process-wide settings from the environment: where state lives and which account/region we are.
 
 Standard AWS names are honoured where they exist (``AWS_REGION``, ``AWS_DEFAULT_REGION``);
-optjob's own knobs use the ``OPTJOB_`` prefix and are documented in the README.
+optjob's own knobs use the ``OPTJOB_`` prefix and are documented in docs/jobs.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The server's app factory, configured from the environment so every uvicorn worker builds the same app.
 
-``optjob serve`` sets these variables before starting uvicorn; they are documented in the README.
+``optjob serve`` sets these variables before starting uvicorn; they are documented in docs/jobs.md and docs/api.md.
 """
 
 from __future__ import annotations

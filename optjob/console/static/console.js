@@ -57,6 +57,11 @@
     });
   }
 
-  window.addEventListener("load", function () { draw(document); });
-  document.addEventListener("htmx:afterSettle", function (event) { draw(document); });
+  function tail(root) {
+    // A log tail is read from its end: keep the newest line in view.
+    root.querySelectorAll("pre.log").forEach(function (pre) { pre.scrollTop = pre.scrollHeight; });
+  }
+
+  window.addEventListener("load", function () { draw(document); tail(document); });
+  document.addEventListener("htmx:afterSettle", function () { draw(document); tail(document); });
 })();
