@@ -15,14 +15,16 @@ from pathlib import Path
 
 import pytest
 
+from optjob.api.errors import ValidationException
 from optjob.errors import InputError
 from optjob.jobs.logs import JobLog
+from optjob.jobs.service import JobService
 from optjob.pipeline.plan import build_plan
 from optjob.pipeline.transfer import SourceModel, build_manifest
 from optjob.storage.publish import publish_model
 from optjob.storage.source import FetchedModel
 from tests.s3server import S3Bucket, write_tiny_model
-from tests.test_jobs_support import make_request
+from tests.test_jobs_support import home, make_request, service, settings  # noqa: F401
 
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 HF = "hf_" + "a1B2c3D4" * 5
@@ -79,3 +81,26 @@ def test_a_prefix_held_by_another_account_is_refused_without_naming_that_account
     with pytest.raises(InputError, match="of job acme-secret-project"):
         publish_model(write_tiny_model(tmp_path / "c", shards=1), s3_bucket.uri("shared/"), manifest=own,
                       kms_key_id=None)  # fmt: skip
+
+
+# --- item 8: a KmsKeyId the server cannot use is named as the input at fault -------------------------
+
+
+@pytest.mark.parametrize(
+    "key", ["alias/no-such-key", "arn:aws:kms:us-east-1:111111111111:key/" + "0" * 8 + "-0000-0000-0000-" + "0" * 12]
+)
+def test_an_unusable_kms_key_is_an_input_error_naming_kms_key_id(s3_bucket: S3Bucket, tmp_path: Path, key: str) -> None:
+    model = write_tiny_model(tmp_path / "m", shards=1)
+    mine = {"job_name": "k-job", "job_arn": "arn:aws:sagemaker:us-east-1:111111111111:optimization-job/k-job"}
+    with pytest.raises(InputError) as caught:
+        publish_model(model, s3_bucket.uri("enc/"), manifest=mine, kms_key_id=key)
+    reason = str(caught.value)
+    assert f"OutputConfig.KmsKeyId '{key}'" in reason and "try again" not in reason
+    assert s3_bucket.keys("enc/") == []  # the probe write was removed
+
+
+@pytest.mark.parametrize("key", ["not-a-key", "arn:aws:kms:us-east-1:111111111111:nope/x", "alias/"])
+def test_a_kms_key_id_no_key_can_have_is_refused_at_create(service: JobService, key: str) -> None:
+    request = make_request("kms-job", OutputConfig={"S3OutputLocation": "s3://output-bucket/out/", "KmsKeyId": key})
+    with pytest.raises(ValidationException, match=f"OutputConfig.KmsKeyId '{key}' is not a KMS key"):
+        service.create(request)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from optjob.errors import InputError, JobCancelled, JobFailed
+from optjob.errors import InputError, JobCancelled
 from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import Event, EventSink
 from optjob.storage.publish import get_json, publish_file, publish_model, put_json, read_manifest
@@ -125,10 +125,11 @@ def test_sse_kms(s3_bucket: S3Bucket, output: Path) -> None:
 
 
 def test_unusable_kms_key_fails_without_manifest(s3_bucket: S3Bucket, output: Path) -> None:
-    # AWS answers KMS.NotFoundException (an InputError); SeaweedFS answers a bare InternalError.
+    # AWS answers KMS.NotFoundException; SeaweedFS answers a bare InternalError, which the publisher
+    # tells apart by the same write without the key succeeding: an InputError naming KmsKeyId either way.
     bad_key = "arn:aws:kms:us-east-1:123456789012:key/00000000-0000-0000-0000-000000000000"
     settings = SMALL_PARTS.model_copy(update={"max_attempts": 1})
-    with pytest.raises(JobFailed, match="Cannot upload s3://.*/enc/"):
+    with pytest.raises(InputError, match="Cannot write to s3://.*/enc/ encrypted with OutputConfig.KmsKeyId"):
         publish_model(output, s3_bucket.uri("enc/"), manifest=JOB, kms_key_id=bad_key, settings=settings)
     assert s3_bucket.keys("enc/") == []
     assert s3_bucket.multipart_uploads() == []

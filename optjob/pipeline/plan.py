@@ -7,6 +7,7 @@ artifacts as the job's provenance, like llm-compressor's ``recipe.yaml``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from functools import cache
 from typing import Any
@@ -152,6 +153,23 @@ def _check_overlap(source_uri: str | None, output_uri: str, problems: list[str])
         )
 
 
+_KMS_KEY_ID = r"(?:[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|mrk-[0-9a-fA-F]{32})"
+_KMS_ALIAS = r"alias/[a-zA-Z0-9/_-]+"
+_KMS_KEY = re.compile(
+    rf"{_KMS_KEY_ID}|{_KMS_ALIAS}|arn:aws[a-z-]*:kms:[a-z0-9-]+:\d{{12}}:(?:key/{_KMS_KEY_ID}|{_KMS_ALIAS})"
+)
+
+
+def _check_kms_key(kms_key_id: str | None, problems: list[str]) -> None:
+    """A KmsKeyId that no KMS key can have is refused at Create: S3 would only fail the job's first write
+    (and an S3-compatible server may call that an internal error)."""
+    if kms_key_id and not _KMS_KEY.fullmatch(kms_key_id):
+        problems.append(
+            f"OutputConfig.KmsKeyId '{truncate(kms_key_id)}' is not a KMS key: give a key id, a key ARN, an "
+            "alias name (alias/...) or an alias ARN"
+        )
+
+
 def _check_combination(members: list[str], problems: list[str]) -> None:
     rules = _rules()["combinations"]
     seen: dict[str, int] = {}
@@ -215,6 +233,7 @@ def build_plan(
     )
 
     _check_overlap(source.s3_uri, output.s3_uri, problems)
+    _check_kms_key(output.kms_key_id, problems)
 
     members = [config.technique for config in request.optimization_configs]
     if not members:

@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from optjob.errors import InputError
+from optjob.errors import InfrastructureError, InputError, JobFailed
 from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import NULL_SINK, EventSink
 from optjob.runtime.phases import PhaseClock
@@ -349,8 +349,18 @@ class Publisher:
             _check_destination(self.location, self._existing_keys, self._existing, self.job_arn, self.overwrite)
         self._opened = True  # from here on the prefix is ours to write (and to clean up)
         if self.previous is None:  # claim it: if this process dies, a rerun of the job may take it back
-            ProgressLog(self.client, self.location, Progress(job_arn=self.job_arn, fingerprint=""),
-                        extra_args=sse_args(self.kms_key_id)).save()  # fmt: skip
+            claim = Progress(job_arn=self.job_arn, fingerprint="")
+            try:
+                ProgressLog(self.client, self.location, claim, extra_args=sse_args(self.kms_key_id)).save()
+            except InfrastructureError:
+                if self.kms_key_id and self._writes_without_the_key(claim):
+                    raise InputError(
+                        f"Cannot write to {self.location.uri} encrypted with OutputConfig.KmsKeyId "
+                        f"'{self.kms_key_id[:256]}': S3 refuses the key while it accepts the same write without it, "
+                        "so the key does not exist, is disabled, or the job's role may not use it. Check KmsKeyId "
+                        "and the key policy."
+                    ) from None
+                raise
         if self._existing is not None:
             owner = self._existing.get("job_name", "a previous job")
             self.events(STAGE, "replace", None, f"replacing the model of {owner}")
@@ -358,6 +368,18 @@ class Publisher:
                 self.client.delete_object(Bucket=self.location.bucket, Key=self.manifest_key)
             except Exception as exc:
                 raise storage_error(exc, "delete", self.location.child(MANIFEST_NAME).uri) from exc
+
+    def _writes_without_the_key(self, claim: Progress) -> bool:
+        """Whether the claim that failed with SSE-KMS succeeds without it: then the key is the input at
+        fault, whatever S3 called the error (an S3-compatible server may answer a bad key with
+        InternalError). The probe holds only the claim (a job ARN) and is deleted at once."""
+        try:
+            ProgressLog(self.client, self.location, claim).save()
+        except JobFailed:
+            return False
+        with contextlib.suppress(Exception):  # a leftover claim is what a rerun of the job takes back anyway
+            self.client.delete_object(Bucket=self.location.bucket, Key=self.location.child(PROGRESS_NAME).key)
+        return True
 
     def upload(self, rel: str, path: Path, *, events: EventSink = NULL_SINK) -> ManifestFile:
         """Hash and upload one final file of the model directory (multipart when large)."""
