@@ -11,7 +11,10 @@ server (SeaweedFS, ``s3_bucket``).
 from __future__ import annotations
 
 import json
+import signal
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,12 +22,25 @@ from optjob.api.errors import ValidationException
 from optjob.errors import InputError
 from optjob.jobs.logs import JobLog
 from optjob.jobs.service import JobService
-from optjob.pipeline.plan import build_plan
+from optjob.pipeline.cancel import CancelToken
+from optjob.pipeline.events import EventSink
+from optjob.pipeline.outcome import RunOutcome
+from optjob.pipeline.plan import Plan, build_plan
 from optjob.pipeline.transfer import SourceModel, build_manifest
-from optjob.storage.publish import publish_model
+from optjob.settings import Settings
+from optjob.storage.publish import Publisher, publish_model
+from optjob.storage.s3 import S3Settings
 from optjob.storage.source import FetchedModel
 from tests.s3server import S3Bucket, write_tiny_model
-from tests.test_jobs_support import home, make_request, service, settings  # noqa: F401
+from tests.test_jobs_support import (  # noqa: F401
+    home,
+    make_request,
+    running_executor,
+    service,
+    settings,
+    wait_for,
+    wait_status,
+)
 
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 HF = "hf_" + "a1B2c3D4" * 5
@@ -104,3 +120,39 @@ def test_a_kms_key_id_no_key_can_have_is_refused_at_create(service: JobService, 
     request = make_request("kms-job", OutputConfig={"S3OutputLocation": "s3://output-bucket/out/", "KmsKeyId": key})
     with pytest.raises(ValidationException, match=f"OutputConfig.KmsKeyId '{key}' is not a KMS key"):
         service.create(request)
+
+
+# --- item 8: a worker killed after Stop or MaxRuntime leaves nothing at its output ------------------
+
+
+def claim_then_hang(plan: Plan, *, job_arn: str, work_dir: Path, events: EventSink, cancel: CancelToken,
+                    storage: S3Settings | None = None, **_: Any) -> RunOutcome:  # fmt: skip
+    """A worker pipeline: claim the output prefix and upload a shard the way a streaming stage does,
+    then ignore SIGTERM and never look at the cancel token, so only SIGKILL ends it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    publisher = Publisher(plan.output.s3_uri, job_name=plan.job_name, job_arn=job_arn, kms_key_id=None,
+                          settings=storage, events=events, cancel=cancel)  # fmt: skip
+    publisher.open()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / "model-00001-of-00002.safetensors").write_bytes(b"half a model")
+    publisher.upload("model-00001-of-00002.safetensors", work_dir / "model-00001-of-00002.safetensors")
+    events("Compilation", "stuck", 0.5, "claimed the output and uploaded a shard")
+    time.sleep(120)
+    raise AssertionError("unreachable: the executor kills this worker")
+
+
+@pytest.mark.parametrize("how", ["stop", "timeout"])
+def test_a_killed_workers_claim_and_partial_output_are_removed(
+    s3_bucket: S3Bucket, service: JobService, settings: Settings, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    monkeypatch.setenv("OPTJOB_PIPELINE", "tests.test_hostile_outputs:claim_then_hang")  # a real worker runs it
+    runtime = {"StoppingCondition": {"MaxRuntimeInSeconds": 3}} if how == "timeout" else {}
+    service.create(make_request("killed", OutputConfig={"S3OutputLocation": s3_bucket.uri("out/")}, **runtime))
+    with running_executor(settings):
+        wait_for(lambda: s3_bucket.keys("out/") == ["out/model-00001-of-00002.safetensors", "out/optjob-progress.json"])
+        if how == "stop":
+            service.stop("killed")
+        record = wait_status(service, "killed", "STOPPED", "FAILED", timeout=30)
+        assert "partial output was discarded" in (record.failure_reason or "partial output was discarded")
+        wait_for(lambda: s3_bucket.keys("out/") == [], timeout=20)
+    assert "SIGKILL" in Path(record.log_path).read_text()

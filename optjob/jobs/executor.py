@@ -24,6 +24,7 @@ Two backends sit behind ``Backend``: ``local_backend`` (OS processes on this hos
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -121,6 +122,7 @@ class Executor:
         self.clock = clock
         self.poll_s = poll_s
         self.workers: dict[str, WorkerHandle] = {}
+        self.cleanups: list[threading.Thread] = []  # output clean-ups of stopped jobs (daemon threads)
         self._swept_at: float | None = None
 
     # --- the loop --------------------------------------------------------------------------
@@ -140,8 +142,10 @@ class Executor:
             elif idle_exit_s is not None:
                 idle_since = idle_since if idle_since is not None else time.monotonic()
                 if time.monotonic() - idle_since >= idle_exit_s:
-                    return
+                    break
             stop.wait(self.poll_s)
+        for cleanup in self.cleanups:  # an exiting executor still finishes what it promised
+            cleanup.join(timeout=60)
 
     def tick(self) -> bool:
         """One pass over the store; returns whether any job is still active."""
@@ -283,6 +287,7 @@ class Executor:
             else:
                 note = "worker ended; partial output discarded"
             end_stopping(self.store, tracked.key, note)
+            self._discard_output(record)
         elif retrying and lost:
             self._retry(record, lost)
         elif lost:
@@ -302,8 +307,18 @@ class Executor:
         self._discard_scratch(job.job_key, job.attempts)
         if job.status == "STOPPING":
             end_stopping(self.store, job.job_key, "worker ended while no executor watched; partial output discarded")
+            self._discard_output(job)
         else:
             fail(self.store, job.job_key, died_reason(None, job.executor_ref or "unknown"), category="infrastructure")
+
+    def _discard_output(self, record: JobRecord) -> None:
+        """A stopped or timed-out job's output prefix, as its reason promises: a worker killed before
+        its rollback leaves its claim and partial objects there (``publish.discard_abandoned``, a
+        no-op when the worker cleaned up itself). On a thread, with the job's own credentials, so a
+        slow S3 never holds up the loop."""
+        thread = threading.Thread(target=_discard_output, args=(record,), name=f"discard-{record.name}", daemon=True)
+        thread.start()
+        self.cleanups.append(thread)
 
     def _discard_scratch(self, key: str, attempts: int) -> None:
         """Every attempt's scratch directory; deleted in the background."""
@@ -327,6 +342,26 @@ class Executor:
                 "starting another attempt, which resumes from the recorded progress",
                 level="warning",
             )
+
+
+def _discard_output(record: JobRecord) -> None:
+    from optjob.pipeline.plan import Plan
+    from optjob.storage.credentials import job_credentials
+    from optjob.storage.publish import discard_abandoned
+    from optjob.storage.s3 import S3Settings
+
+    log = JobLog(record.log_path)
+    try:
+        output = Plan.model_validate_json(record.plan_json).output.s3_uri
+        role_arn = json.loads(record.request_json).get("RoleArn", "")
+        credentials = job_credentials(record.role_source, role_arn, session_name=record.name)
+        removed = discard_abandoned(output, record.arn, settings=S3Settings(credentials=credentials))
+    except Exception as exc:  # best effort: the missing manifest still marks the prefix incomplete
+        log.write("output", "cleanup", f"could not remove the partial output ({type(exc).__name__}: {exc})",
+                  level="warning")  # fmt: skip
+        return
+    if removed:
+        log.write("output", "cleanup", f"removed {removed} objects the stopped worker left at {output}")
 
 
 def _last_line(path: Path, limit: int = 300) -> str:

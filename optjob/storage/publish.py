@@ -554,3 +554,43 @@ def publish_model(
     except BaseException:
         publisher.rollback()
         raise
+
+
+def discard_abandoned(output_uri: str, job_arn: str, *, settings: S3Settings | None = None) -> int:
+    """Remove what a killed attempt of ``job_arn`` left at its output prefix; returns objects removed.
+
+    A worker killed after Stop or MaxRuntime never ran its rollback, so its claim
+    (``optjob-progress.json``) and any partial output stay, although the job says partial output was
+    discarded. Only a prefix this job claimed and never published is touched: nothing happens when
+    the claim names another job or a manifest exists. A claim is taken only on a prefix that held no
+    one else's objects, so everything under it is this job's, except below a deeper prefix that
+    another job has since claimed or published, which is left alone.
+    """
+    client = make_client(settings)
+    location = parse_s3_uri(output_uri)
+    keys = _list_keys(client, location)
+    claim = location.child(PROGRESS_NAME).key
+    if claim not in keys or location.child(MANIFEST_NAME).key in keys:
+        return 0
+    found = read_progress(client, location)
+    if found is None or found.job_arn != job_arn:
+        return 0
+    others = {
+        key.rsplit("/", 1)[0] + "/"
+        for key in keys
+        if key.rsplit("/", 1)[-1] in (MANIFEST_NAME, PROGRESS_NAME) and key != claim
+    }
+
+    def mine(key: str) -> bool:
+        return not any(key.startswith(root) for root in others)
+
+    ours = {key for key in keys if mine(key)}
+    try:
+        uploads = client.list_multipart_uploads(Bucket=location.bucket, Prefix=location.prefix)
+        for upload in uploads.get("Uploads", []):
+            if mine(upload["Key"]):
+                client.abort_multipart_upload(Bucket=location.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        _delete_keys(client, location.bucket, ours)
+    except Exception as exc:
+        raise storage_error(exc, "clean up", location.uri) from exc
+    return len(ours)
