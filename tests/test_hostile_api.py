@@ -226,3 +226,22 @@ def test_the_server_answers_an_unsigned_or_oversized_body_before_reading_it(tmp_
             pass  # the server answered and closed while the client was still sending: also refused
         grown_mib = (_rss_kib(pid) - before) / 1024
         assert grown_mib < 32, f"the server grew {grown_mib:.0f} MiB for a refused body"
+
+
+@pytest.mark.parametrize("value", [{"a": 1}, [1, 2], 2**70, True])
+def test_a_forged_next_token_is_a_validation_exception(service: JobService, value: object) -> None:
+    # The token format is public (base64 JSON with a hash of the filters), so a caller can forge one.
+    from optjob.api.shapes import ListOptimizationJobsRequest
+    from optjob.jobs.listing import _encode_token, _fingerprint
+
+    token = _encode_token(value, "x", _fingerprint(ListOptimizationJobsRequest(), service.home.tenant))
+    with pytest.raises(ValidationException, match="NextToken is not valid"):
+        service.handle("ListOptimizationJobs", {"NextToken": token})
+
+
+def test_a_next_token_nested_past_the_parsers_depth_is_a_validation_exception(service: JobService) -> None:
+    import base64
+
+    token = base64.urlsafe_b64encode(b"[" * 6000 + b"]" * 6000).decode().rstrip("=")
+    with pytest.raises(ValidationException, match="NextToken is not valid"):
+        service.handle("ListOptimizationJobs", {"NextToken": token[:8192]})

@@ -108,7 +108,11 @@ def _decode_token(token: str, fingerprint: str) -> tuple[Any, str]:
         value, name, token_fingerprint = data["k"], data["n"], data["f"]
         if data.get("v") != 1 or not isinstance(name, str):
             raise ValueError("unknown token version")
-    except (ValueError, KeyError, TypeError, binascii.Error):
+        if isinstance(value, bool) or not isinstance(value, str | int | float | None):
+            raise ValueError("a token holds a sort key, never a structure")  # a forged one: SQL binds scalars
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:
+            raise ValueError("a sort key beyond SQLite's integers")
+    except (ValueError, KeyError, TypeError, binascii.Error, RecursionError):
         raise ValidationException("The NextToken is not valid: pass the token a previous List returned") from None
     if token_fingerprint != fingerprint:
         raise ValidationException(
