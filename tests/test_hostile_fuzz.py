@@ -8,6 +8,7 @@ archive extraction). Every example has a deadline, and the whole module stays we
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import shutil
@@ -52,7 +53,10 @@ json_values = st.recursive(
 @st.composite
 def request_bodies(draw: st.DrawFn) -> bytes:
     """Garbage, JSON of any shape, or a valid Create with one member replaced by anything."""
-    kind = draw(st.sampled_from(["bytes", "json", "mutated", "deep", "bigint"]))
+    kind = draw(st.sampled_from(["bytes", "json", "mutated", "deep", "bigint", "token"]))
+    if kind == "token":  # a NextToken is base64 JSON: forge one from anything
+        inner = draw(st.binary(max_size=64) | json_values.map(lambda v: json.dumps(v).encode()))
+        return json.dumps({"NextToken": base64.urlsafe_b64encode(inner).decode().rstrip("=")}).encode()
     if kind == "bytes":
         return draw(st.binary(max_size=200))
     if kind == "json":
