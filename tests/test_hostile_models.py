@@ -8,7 +8,9 @@ the job would say (the InputError's text is the job's FailureReason).
 from __future__ import annotations
 
 import json
+import shutil
 import struct
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -137,3 +139,55 @@ def test_a_streamed_pickle_only_source_is_refused_as_unsafe_not_as_weightless() 
     with pytest.raises(InputError) as caught:
         weight_order(listing)
     assert "holds only pickle weights (pytorch_model.bin), which are refused as unsafe" in str(caught.value)
+
+
+# --- the same refusals from a real job, whichever path it takes --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from optjob.testing import build_tiny_llama
+
+    return build_tiny_llama(
+        tmp_path_factory.mktemp("tiny") / "model",
+        hidden=64, intermediate=128, layers=2, heads=2, kv_heads=1, vocab=256, shards=2, train_steps=0,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("scheme", "granularity"), [("FP8_DYNAMIC", "tensor"), ("FP8_DYNAMIC", "file"), ("FP8", "whole model")]
+)
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        ({"num_hidden_layers": 1_000_000}, "config.json num_hidden_layers is 1000000, outside the plausible range"),
+        ({"vocab_size": 10**12}, "config.json vocab_size is 1000000000000, outside the plausible range"),
+        ({"x": "DEEP"}, "config.json nests JSON deeper than 32 levels"),
+    ],
+)
+def test_a_job_on_a_hostile_config_fails_at_once_naming_config_json(
+    s3_bucket, llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheme: str, granularity: str,
+    edit: dict, says: str,
+) -> None:  # fmt: skip
+    from optjob.api.errors import parse
+    from optjob.api.shapes import CreateOptimizationJobRequest
+    from optjob.pipeline.plan import build_plan
+    from optjob.pipeline.run import run_plan
+    from tests.stage_support import fp8_job_request
+
+    monkeypatch.setenv("OPTJOB_STREAM_GRANULARITY", "file" if granularity == "file" else "tensor")
+    model = Path(shutil.copytree(llama, tmp_path / "model"))
+    config = json.loads((model / "config.json").read_text())
+    text = json.dumps({**config, **edit}).replace('"DEEP"', "[" * 5000 + "]" * 5000)
+    (model / "config.json").write_text(text)
+    s3_bucket.upload_dir(model, "m")
+    request = parse(
+        CreateOptimizationJobRequest, fp8_job_request("hostile", s3_bucket.uri("m/"), s3_bucket.uri("o/"), scheme)
+    )
+    started = time.monotonic()
+    with pytest.raises(InputError) as caught:
+        run_plan(build_plan(request, region="us-east-1"), work_dir=tmp_path / "work",
+                 job_arn="arn:aws:sagemaker:us-east-1:000000000000:optimization-job/hostile")  # fmt: skip
+    assert says in str(caught.value) and reason_problems(str(caught.value)) == []
+    assert time.monotonic() - started < 60
+    assert s3_bucket.keys("o/") == []
