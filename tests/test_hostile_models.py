@@ -18,7 +18,7 @@ import pytest
 
 from optjob.errors import InputError
 from optjob.jobs.outcomes import reason_problems
-from optjob.pipeline.streaming import weight_order
+from optjob.pipeline.stream_source import weight_order
 from optjob.storage.inputs import check_model_dir, read_config
 from optjob.storage.tensorstream.header import parse_header
 from optjob.testing.local_s3 import write_tiny_model
@@ -163,6 +163,7 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ({"num_hidden_layers": 1_000_000}, "config.json num_hidden_layers is 1000000, outside the plausible range"),
         ({"vocab_size": 10**12}, "config.json vocab_size is 1000000000000, outside the plausible range"),
         ({"x": "DEEP"}, "config.json nests JSON deeper than 32 levels"),
+        ({"num_hidden_layers": 1000}, "num_hidden_layers is 1000 but the safetensors weights hold 2 layers"),
     ],
 )
 def test_a_job_on_a_hostile_config_fails_at_once_naming_config_json(

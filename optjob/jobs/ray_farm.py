@@ -19,14 +19,15 @@ from typing import Any
 from optjob.jobs.placement import job_request, ray_rules
 from optjob.jobs.ray_backend import connect
 from optjob.pipeline.plan import Plan
-from optjob.pipeline.shard_farm import HelperResult, helper_result, timed_unit
+from optjob.pipeline.shard_farm import HelperResult
+from optjob.pipeline.shard_helper import helper_result, timed_unit
 from optjob.settings import Settings
 
 _PASSED_VARIABLES = ("AWS_", "OPTJOB_CONFIG_DIR", "OPTJOB_STREAM_")
 
 
 def _make_shard(plan_json: str, job_arn: str, rel: str, etag: str, storage: Any) -> dict:
-    """Runs on a Ray node: one output shard of the job (``shard_farm.run_shard_unit``)."""
+    """Runs on a Ray node: one output shard of the job (``shard_helper.run_shard_unit``)."""
     import ray
 
     node = f"{ray.util.get_node_ip_address()} (node {ray.get_runtime_context().get_node_id()[:12]})"

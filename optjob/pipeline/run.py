@@ -20,8 +20,9 @@ from optjob.pipeline.outcome import RunOutcome
 from optjob.pipeline.plan import Plan
 from optjob.pipeline.scratch import discard
 from optjob.pipeline.shard_farm import ShardFarm
-from optjob.pipeline.stage import StageContext, technique_for
-from optjob.pipeline.streaming import run_streaming, streaming_technique
+from optjob.pipeline.stage import StageContext, TensorStreamingTechnique, technique_for
+from optjob.pipeline.streaming import GRANULARITY_ENV, run_streaming, streaming_technique
+from optjob.pipeline.tensor_streaming import run_tensor_streaming
 from optjob.pipeline.transfer import SourceModel, build_manifest, fetch_source, publish_output
 from optjob.storage.progress import fingerprint
 from optjob.storage.publish import Publisher
@@ -167,11 +168,15 @@ def run_plan(
         if job_arn is None:
             raise ValueError("run_plan needs the job's ARN to write the manifest")
         streaming = streaming_technique(plan)
-        if streaming is not None:
-            return run_streaming(
+        if isinstance(streaming, TensorStreamingTechnique) and os.environ.get(GRANULARITY_ENV, "tensor") != "file":
+            return run_tensor_streaming(
                 plan, streaming, job_arn=job_arn, work_dir=work_dir, events=events, cancel=cancel, storage=storage,
                 farm=farm,
             )  # fmt: skip
+        if streaming is not None:
+            return run_streaming(
+                plan, streaming, job_arn=job_arn, work_dir=work_dir, events=events, cancel=cancel, storage=storage
+            )
         source = fetch_source(plan, work_dir, settings=storage, events=events, cancel=cancel)
         staging = open_staging(plan, job_arn, source, storage, events, cancel) if len(plan.stages) > 1 else None
         try:

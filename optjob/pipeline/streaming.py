@@ -15,29 +15,23 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
-from optjob.errors import InputError
 from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import EventSink
 from optjob.pipeline.outcome import RunOutcome
 from optjob.pipeline.plan import Plan
-from optjob.pipeline.stage import StageContext, StreamingTechnique, TensorStreamingTechnique, technique_for
+from optjob.pipeline.stage import StageContext, StreamingTechnique, technique_for
+from optjob.pipeline.stream_source import open_source, weight_order
 from optjob.pipeline.transfer import ALLOW_PICKLE_ENV, SourceModel, build_manifest
-from optjob.storage.eula import model_card_gating
 from optjob.storage.inputs import (
-    SAFETENSORS_INDEX,
     check_model_dir,
     check_shard_against_index,
-    index_weight_map,
-    read_config,
     safetensors_header,
 )
 from optjob.storage.publish import Publisher
 from optjob.storage.s3 import MiB, S3Settings
 from optjob.storage.stream import StreamingFetch, can_stream
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 GRANULARITY_ENV = "OPTJOB_STREAM_GRANULARITY"  # "file": the shard-at-a-time path (a fallback and a baseline)
 
 
@@ -51,44 +45,6 @@ def streaming_technique(plan: Plan) -> StreamingTechnique | None:
     return technique if isinstance(technique, StreamingTechnique) else None
 
 
-def weight_order(fetch: StreamingFetch) -> list[str]:
-    weights = sorted(rel for rel in fetch.remotes if rel.endswith(".safetensors"))
-    pickles = sorted(rel for rel in fetch.remotes if rel.lower().endswith(PICKLE_SUFFIXES))
-    if not weights and pickles:  # say why the weights it has are not used, not that it has none
-        raise InputError(
-            f"{fetch.uri} holds only pickle weights ({pickles[0]}), which are refused as unsafe: unpickling can "
-            "run arbitrary code. Convert them to safetensors in a trusted environment and upload those"
-        )
-    if not weights:
-        raise InputError(f"{fetch.uri} holds no *.safetensors weights; a model directory needs them")
-    if pickles and os.environ.get(ALLOW_PICKLE_ENV) != "1":
-        raise InputError(
-            f"{fetch.uri} holds pickle weights ({pickles[0]}); loading them can run code. Remove them "
-            f"(the safetensors weights are used), or set {ALLOW_PICKLE_ENV}=1 to accept them"
-        )
-    return weights
-
-
-def open_source(
-    plan: Plan, fetch: StreamingFetch, source_dir: Path, small: list[str], weights: list[str], publisher: Publisher
-) -> dict[str, str]:
-    """Wait for the non-weight files, refuse what is not a model or not licensed, claim the output
-    prefix, and return the index's weight map (empty without an index)."""
-    for rel in small:
-        fetch.wait(rel)
-    if "config.json" not in small:
-        raise InputError(f"{plan.source.s3_uri} has no config.json; it is not a Hugging Face model directory")
-    read_config(source_dir / "config.json")  # its sizes in range before a tensor is read
-    if not plan.source.accept_eula and (reason := model_card_gating(source_dir)):
-        raise InputError(reason)
-    publisher.open()  # refuse a prefix owned by another job before any work
-    weight_map = index_weight_map(source_dir) if SAFETENSORS_INDEX in small else {}
-    missing = sorted(set(weight_map.values()) - set(weights))
-    if missing:
-        raise InputError(f"{SAFETENSORS_INDEX} names shard {missing[0]}, which is missing from {fetch.uri}")
-    return weight_map
-
-
 def run_streaming(
     plan: Plan,
     technique: StreamingTechnique,
@@ -98,18 +54,10 @@ def run_streaming(
     events: EventSink,
     cancel: CancelToken,
     storage: S3Settings | None,
-    farm: Any = None,
 ) -> RunOutcome:
-    """Fetch, run and publish, overlapped; raises JobFailed subclasses or JobCancelled.
-
-    ``farm`` (helper workers, ``shard_farm.ShardFarm``) is used on the tensor-granular path only."""
-    if isinstance(technique, TensorStreamingTechnique) and os.environ.get(GRANULARITY_ENV, "tensor") != "file":
-        from optjob.pipeline.tensor_streaming import run_tensor_streaming
-
-        return run_tensor_streaming(
-            plan, technique, job_arn=job_arn, work_dir=work_dir, events=events, cancel=cancel, storage=storage,
-            farm=farm,
-        )  # fmt: skip
+    """Fetch, run and publish, overlapped, a whole file at a time; raises JobFailed subclasses or
+    JobCancelled. (``run.run_plan`` sends a stage that maps tensors to tensors to
+    ``tensor_streaming.run_tensor_streaming`` instead, unless ``OPTJOB_STREAM_GRANULARITY=file``.)"""
     stage = plan.stages[0]
     source_dir, out_dir = work_dir / "source", work_dir / f"stage-1-{stage.optimization_type.lower()}"
     out_dir.mkdir(parents=True, exist_ok=True)

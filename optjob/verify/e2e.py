@@ -513,7 +513,7 @@ def compare_as_configured(
 def main(argv: list[str] | None = None) -> None:
     from optjob.runtime.allocator import tune_allocator
     from optjob.runtime.usage import PeakRss
-    from optjob.verify.gate import thresholds_config
+    from optjob.verify.thresholds import thresholds_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", type=Path)

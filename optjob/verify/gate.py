@@ -24,26 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from optjob.config_files import load_config
 from optjob.errors import InfrastructureError, VerificationFailed, first_line, reason_sentence
 from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import NULL_SINK, EventSink
 from optjob.verify.loadable import transformers_load_problems
 from optjob.verify.tensors import TensorFigures, compare_checkpoints
-
-
-def thresholds_config() -> dict[str, Any]:
-    return dict(load_config("verify.yaml"))
-
-
-def thresholds_for(scheme_key: str) -> dict[str, Any]:
-    """Defaults overlaid with the scheme's entry (``fp8_dynamic``, ``awq``, ``nf4``, ...)."""
-    cfg = thresholds_config()
-    scheme = cfg.get("schemes", {}).get(scheme_key, {})
-    out: dict[str, Any] = {"judge": scheme.get("judge", cfg["defaults"].get("judge", "weights"))}
-    for part in ("per_tensor", "corruption", "e2e"):
-        out[part] = {**cfg["defaults"].get(part, {}), **scheme.get(part, {})}
-    return out
+from optjob.verify.thresholds import thresholds_config, thresholds_for
 
 
 def per_tensor_mode(scheme_key: str) -> str:
