@@ -105,7 +105,10 @@ def test_no_request_body_makes_a_500(client: TestClient, body: bytes, operation:
 
 # --- model files ---------------------------------------------------------------------------------
 
-config_numbers = st.one_of(st.integers(-(10**15), 10**15), st.just(10**12), st.just(1_000_000), st.text(max_size=5))
+config_numbers = st.one_of(
+    st.integers(-(10**15), 10**15), st.just(10**12), st.just(1_000_000), st.text(max_size=5), st.floats(),
+    st.lists(st.integers(-5, 10**7), max_size=3), st.booleans(), st.none(),
+)  # fmt: skip
 
 
 @st.composite

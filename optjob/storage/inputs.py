@@ -16,6 +16,7 @@ import os
 import re
 import stat
 import struct
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -248,6 +249,13 @@ def read_config(path: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise InputError(f"config.json is not a JSON object. {_CONFIG_FIX}")
     check_config_values(config)
+    if (path.parent / SAFETENSORS_INDEX).is_file():  # the index names every tensor before any shard arrives
+        try:
+            names = index_weight_map(path.parent)
+        except InputError:
+            pass  # a broken index is reported, with its own fix, by the checks that read it
+        else:
+            _check_layers(config, _layers_named(names))
     return config
 
 
@@ -264,38 +272,46 @@ def check_config_values(config: dict[str, Any]) -> None:
             if key not in ranges or value is None:
                 continue
             low, high = ranges[key]
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise InputError(f"config.json {where}{key} is {str(value)[:64]!r}, not an integer. {_CONFIG_FIX}")
-            if not low <= value <= high:
-                raise InputError(
-                    f"config.json {where}{key} is {str(value)[:64]}, outside the plausible range {low}..{high} "
-                    f"(configs/limits.yaml). {_CONFIG_FIX}"
-                )
+            # some architectures give one value per layer (a list); each must be in range
+            for item in value if isinstance(value, list) else [value]:
+                integral = isinstance(item, int) or (isinstance(item, float) and item.is_integer())
+                if isinstance(item, bool) or not integral:
+                    raise InputError(f"config.json {where}{key} is {str(value)[:64]!r}, not an integer. {_CONFIG_FIX}")
+                if not low <= item <= high:
+                    raise InputError(
+                        f"config.json {where}{key} is {str(value)[:64]}, outside the plausible range {low}..{high} "
+                        f"(configs/limits.yaml). {_CONFIG_FIX}"
+                    )
 
 
 def check_config_against_weights(config: dict[str, Any], headers: dict[str, dict[str, Any]]) -> None:
     """The safetensors headers are the truth: a config.json that claims more layers or a larger
     vocabulary than the weights hold is refused with both numbers (a loader would otherwise build,
     and an optimizer walk, a model the weights cannot fill)."""
-    layers: set[int] = set()
     embedding_rows: int | None = None
     for table in headers.values():
         for name, spec in table.items():
-            if match := _LAYER.search(name):
-                layers.add(int(match.group(1)))
             if embedding_rows is None and name.endswith(_EMBEDDINGS) and spec.get("shape"):
                 embedding_rows = int(spec["shape"][0])
-    claimed = config.get("num_hidden_layers")
-    if layers and isinstance(claimed, int) and claimed > len(layers):
-        raise InputError(
-            f"config.json num_hidden_layers is {claimed} but the safetensors weights hold {len(layers)} layers "
-            f"(layers.0 to layers.{max(layers)}). {_CONFIG_FIX}"
-        )
+    _check_layers(config, _layers_named(name for table in headers.values() for name in table))
     vocab = config.get("vocab_size")
     if embedding_rows is not None and isinstance(vocab, int) and vocab > embedding_rows:
         raise InputError(
             f"config.json vocab_size is {vocab} but the safetensors embedding holds {embedding_rows} rows. "
             + _CONFIG_FIX
+        )
+
+
+def _layers_named(names: Iterable[str]) -> set[int]:
+    return {int(match.group(1)) for name in names if (match := _LAYER.search(name))}
+
+
+def _check_layers(config: dict[str, Any], layers: set[int]) -> None:
+    claimed = config.get("num_hidden_layers")
+    if layers and isinstance(claimed, int) and claimed > len(layers):
+        raise InputError(
+            f"config.json num_hidden_layers is {claimed} but the safetensors weights hold {len(layers)} layers "
+            f"(layers.0 to layers.{max(layers)}). {_CONFIG_FIX}"
         )
 
 
