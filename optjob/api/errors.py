@@ -164,11 +164,6 @@ def parse(model: type[ShapeT], data: Any) -> ShapeT:
         raise from_pydantic(exc, model) from None
 
 
-def parse_json(model: type[ShapeT], body: str | bytes) -> ShapeT:
-    """Like ``parse`` but from raw JSON text; malformed JSON is a SerializationException."""
-    return parse(model, load_json(body))
-
-
 def load_json(body: str | bytes) -> Any:
     """A request body as JSON data, or a SerializationException that says what is wrong with it.
 
