@@ -40,12 +40,6 @@ def _limited_groups(proc_cgroup: Path, root: Path) -> list[tuple[int, Path, str]
     return found
 
 
-def cgroup_limit_bytes(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = _ROOT) -> int | None:
-    """The tightest memory limit on this process's cgroup and its ancestors, or None when unlimited."""
-    groups = _limited_groups(proc_cgroup, root)
-    return min(limit for limit, _, _ in groups) if groups else None
-
-
 def cgroup_headroom_bytes(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = _ROOT) -> tuple[int, int] | None:
     """(limit, limit minus the anonymous memory already charged to that cgroup), for the tightest limit.
 

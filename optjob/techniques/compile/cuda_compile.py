@@ -20,7 +20,6 @@ import yaml
 from optjob.errors import InfrastructureError, InputError
 from optjob.package.serving import write_serving_properties
 from optjob.pipeline.stage import PlannedStage, StageContext, StageResult
-from optjob.techniques._pending import driver_not_in_build
 from optjob.techniques.compile.cuda_plan import CudaCompileParams, cuda_rules, llm_api_options, lmi_properties
 from optjob.techniques.compile.modelopt_engine import quantize_and_export, source_dtype
 from optjob.techniques.compile.modelopt_verify import verify_modelopt_checkpoint
@@ -48,13 +47,6 @@ def _check_memory(model_dir: Path) -> int:
 
 def run_cuda_compile(params: CudaCompileParams, stage: PlannedStage, ctx: StageContext) -> StageResult:
     scheme = cuda_rules().schemes[params.quantize]
-    if not scheme.built:
-        raise driver_not_in_build(
-            stage.technique,
-            f"OPTION_QUANTIZE={params.quantize} for CUDA compilation; "
-            + ", ".join(name for name, rule in cuda_rules().schemes.items() if rule.built)
-            + " are built",
-        )
     needed = _check_memory(ctx.input_dir)
     config = json.loads((ctx.input_dir / "config.json").read_text(encoding="utf-8"))
     texts = load_texts(params.calib_dataset, storage=ctx.storage) if scheme.calibrated else []

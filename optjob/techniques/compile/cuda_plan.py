@@ -31,7 +31,6 @@ class SchemeRule(BaseModel):
     min_compute_capability: str
     calibrated: bool
     consumers: list[str]
-    built: bool
     modelopt_config: str | None = None
     quant_algo: str | None = None
     group_size: int | None = None
@@ -270,6 +269,4 @@ def plan_lines(params: CudaCompileParams) -> list[str]:
     ]
     if "vllm" in scheme.consumers:
         lines.append(f"  serve: vllm serve MODEL_DIR --tensor-parallel-size {params.tensor_parallel_degree}")
-    if not scheme.built:
-        lines.append(f"  note: this optjob build plans OPTION_QUANTIZE={params.quantize} but does not run it yet")
     return lines

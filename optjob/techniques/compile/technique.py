@@ -34,7 +34,6 @@ from optjob.pipeline.stage import (
     register,
 )
 from optjob.targets.catalog import InstanceSpec
-from optjob.techniques._pending import driver_not_in_build
 from optjob.techniques.compile import cuda_plan
 from optjob.techniques.compile.cuda_compile import run_cuda_compile
 from optjob.techniques.compile.cuda_plan import ENGINE as CUDA_ENGINE
@@ -232,7 +231,7 @@ class CompilationTechnique(Technique):
             if problems:
                 raise InputError(f"This model cannot be compiled as requested: {problems[0]}.")
             return run_cuda_compile(CudaCompileParams(**stage.params), stage, ctx)
-        raise driver_not_in_build(self.config_member, f"compilation engine {stage.engine}")
+        raise ValueError(f"the planner chose compilation engine {stage.engine!r}, which no code runs")
 
     def _run_neuron(self, stage: PlannedStage, ctx: StageContext) -> StageResult:
         # The model's half of the plan first: a refusal names the model's problem, not a missing SDK.

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -311,7 +311,3 @@ def load_head(directory: Path) -> tuple[Eagle3Head, dict[str, Any]]:
     tensors = load_file(str(directory / WEIGHTS_FILE))
     head.load_state_dict({k: (v if k in ("d2t", "t2d") else v.float()) for k, v in tensors.items()}, strict=True)
     return head.eval(), config
-
-
-def head_summary(cfg: HeadConfig) -> dict[str, Any]:
-    return asdict(cfg)
