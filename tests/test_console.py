@@ -319,7 +319,16 @@ def test_metrics_after_jobs_of_each_outcome_and_health(setup: Setup, done_job: s
     admin, other = setup.client("team-a-admin"), setup.client("team-b")
     # One job that fails (its source does not exist), beside the completed and stopped ones above.
     other.create_optimization_job(**spec("console-fails", role=ROLE_B, source=f"s3://{SOURCE}/no-such-model/"))
-    assert wait_terminal(other, "console-fails", timeout=120)["OptimizationJobStatus"] == "FAILED"
+    failed = wait_terminal(other, "console-fails", timeout=120)
+    assert failed["OptimizationJobStatus"] == "FAILED"
+    with browser() as (chromium, watched):  # the reason, as its owner sees it
+        page = new_page(chromium, watched)
+        sign_in(page, setup, "team-b")
+        page.click("a[href='/console/jobs/console-fails']")
+        shown = page.inner_text("[data-testid=failure-reason]")
+        assert failed["FailureReason"][:80] in shown and "no-such-model" in shown
+        assert page.locator("[data-testid=progress]").count() == 0
+        assert_clean(watched)
     admin.create_optimization_job(**spec("console-stopped-2"))
     admin.stop_optimization_job(OptimizationJobName="console-stopped-2")
     assert wait_terminal(admin, "console-stopped-2", timeout=60)["OptimizationJobStatus"] == "STOPPED"

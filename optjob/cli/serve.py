@@ -89,7 +89,9 @@ def serve(
     """Serve CreateOptimizationJob and friends over AWS JSON 1.1 with SigV4 authentication.
 
     Point boto3 at it with boto3.client("sagemaker", endpoint_url="http://HOST:PORT") or the AWS CLI
-    with --endpoint-url; nothing else changes. Jobs created here run on this host's executor, or on a Ray
+    with --endpoint-url; nothing else changes. People sign in to the web console at /console/ with the
+    same keys (read-only unless the key's section says optjob_console = read-write); Prometheus scrapes
+    /metrics. Jobs created here run on this host's executor, or on a Ray
     cluster with --executor ray.
     """
     import uvicorn
@@ -159,6 +161,7 @@ def serve(
         f"optjob serving the SageMaker optimization-job API at {url}\n"
         f'  boto3:   boto3.client("sagemaker", endpoint_url="{url}")\n'
         f"  AWS CLI: aws sagemaker list-optimization-jobs --endpoint-url {url}\n"
+        f"  console: {url}/console/   metrics: {url}/metrics   health: {url}/healthz, {url}/readyz\n"
         f"  roles:   {roles_note}\n"
         f"  audit:   {os.environ[AUDIT_LOG_ENV]}\n"
         f"  runs on: "
