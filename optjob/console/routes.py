@@ -150,17 +150,16 @@ def console_routes(
             "sort_by": _SORT_BY,
         }
 
-    def jobs(request: Request) -> Response:
-        viewer = who(request)
-        if viewer is None:
-            return need_sign_in(request)
-        return page(request, "jobs.html", listing(request, viewer))
+    def jobs_page(template: str) -> Callable[[Request], Response]:
+        """The job list, or (``jobs_table.html``) its table, which refreshes itself."""
 
-    def jobs_table(request: Request) -> Response:
-        viewer = who(request)
-        if viewer is None:
-            return need_sign_in(request)
-        return page(request, "jobs_table.html", listing(request, viewer))
+        def show(request: Request) -> Response:
+            viewer = who(request)
+            if viewer is None:
+                return need_sign_in(request)
+            return page(request, template, listing(request, viewer))
+
+        return show
 
     def detail_context(request: Request, viewer: SignedIn) -> dict[str, Any] | Response:
         name = request.path_params["name"]
@@ -174,19 +173,17 @@ def console_routes(
                             secret_words=config.secret_key_words)  # fmt: skip
         return {"viewer": viewer, "job": detail, "notice": request.query_params.get("notice", "")}
 
-    def job(request: Request) -> Response:
-        viewer = who(request)
-        if viewer is None:
-            return need_sign_in(request)
-        context = detail_context(request, viewer)
-        return context if isinstance(context, Response) else page(request, "job.html", context)
+    def job_page(template: str) -> Callable[[Request], Response]:
+        """The job page, or (``job_live.html``) the part of it that refreshes itself."""
 
-    def job_live(request: Request) -> Response:
-        viewer = who(request)
-        if viewer is None:
-            return need_sign_in(request)
-        context = detail_context(request, viewer)
-        return context if isinstance(context, Response) else page(request, "job_live.html", context)
+        def show(request: Request) -> Response:
+            viewer = who(request)
+            if viewer is None:
+                return need_sign_in(request)
+            context = detail_context(request, viewer)
+            return context if isinstance(context, Response) else page(request, template, context)
+
+        return show
 
     def action(operation: str, done: str) -> Callable[[Request], Response]:
         def act(request: Request) -> Response:
@@ -218,13 +215,13 @@ def console_routes(
 
     return [
         Route("/console", lambda request: _secure(RedirectResponse("/console/", status_code=308))),
-        Route("/console/", jobs),
+        Route("/console/", jobs_page("jobs.html")),
         Route("/console/login", login_form, methods=["GET"]),
         Route("/console/login", _posted(login), methods=["POST"]),
         Route("/console/logout", _posted(logout), methods=["POST"]),
-        Route("/console/jobs/table", jobs_table),
-        Route("/console/jobs/{name}", job),
-        Route("/console/jobs/{name}/live", job_live),
+        Route("/console/jobs/table", jobs_page("jobs_table.html")),
+        Route("/console/jobs/{name}", job_page("job.html")),
+        Route("/console/jobs/{name}/live", job_page("job_live.html")),
         Route("/console/jobs/{name}/stop", _posted(action("StopOptimizationJob", "stop requested")), methods=["POST"]),
         Route("/console/jobs/{name}/delete", _posted(action("DeleteOptimizationJob", "deleted")), methods=["POST"]),
         Mount("/console/static", app=StaticFiles(directory=str(_HERE / "static")), name="console-static"),
