@@ -29,7 +29,7 @@ def _root() -> None:
 
 
 def _register_commands() -> None:
-    from optjob.cli import jobs, serve, validate  # noqa: F401
+    from optjob.cli import jobs, serve, validate, verify  # noqa: F401
 
 
 def main() -> None:
