@@ -16,16 +16,16 @@ from typing import Any
 
 from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import NULL_SINK, EventSink
+from optjob.pipeline.job_parts import job_publisher, stage_context
 from optjob.pipeline.outcome import RunOutcome
 from optjob.pipeline.plan import Plan
 from optjob.pipeline.scratch import discard
 from optjob.pipeline.shard_farm import ShardFarm
-from optjob.pipeline.stage import StageContext, TensorStreamingTechnique, technique_for
+from optjob.pipeline.stage import TensorStreamingTechnique, technique_for
 from optjob.pipeline.streaming import GRANULARITY_ENV, run_streaming, streaming_technique
 from optjob.pipeline.tensor_streaming import run_tensor_streaming
 from optjob.pipeline.transfer import SourceModel, build_manifest, fetch_source, publish_output
 from optjob.storage.progress import fingerprint
-from optjob.storage.publish import Publisher
 from optjob.storage.s3 import S3Settings
 from optjob.storage.staging import StageStore
 
@@ -51,10 +51,7 @@ def open_staging(
 ) -> StageStore:
     """Claim the output prefix before the first stage (a rerun of this job may take it back) and
     open the record of finished stages."""
-    publisher = Publisher(
-        plan.output.s3_uri, job_name=plan.job_name, job_arn=job_arn, kms_key_id=plan.output.kms_key_id,
-        settings=storage, events=events, cancel=cancel,
-    )  # fmt: skip
+    publisher = job_publisher(plan, job_arn, storage=storage, events=events, cancel=cancel)
     publisher.open()
     files = [(f.path, f.etag or "", f.size) for f in source.fetched.files]
     identity = fingerprint(files, plan.model_dump(mode="json"))
@@ -94,17 +91,8 @@ def run_stages(
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True)
         events(stage.optimization_type, "start", 0.0, f"stage {index}/{len(plan.stages)} via {stage.engine}")
-        ctx = StageContext(
-            job_name=plan.job_name,
-            input_dir=current,
-            output_dir=out_dir,
-            work_dir=work_dir,
-            target=plan.target,
-            env=stage.env,
-            events=events,
-            cancel=cancel,
-            storage=storage,
-        )
+        ctx = stage_context(plan, stage, input_dir=current, output_dir=out_dir, work_dir=work_dir, events=events,
+                            cancel=cancel, storage=storage)  # fmt: skip
         result = technique_for(stage.technique).run(stage, ctx)
         outcome.metrics[f"{index}:{stage.optimization_type}"] = result.metrics
         outcome.warnings.extend(w for w in result.warnings if w not in outcome.warnings)

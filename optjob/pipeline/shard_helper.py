@@ -15,14 +15,14 @@ from typing import Any
 
 from optjob.errors import InputError
 from optjob.pipeline.cancel import CancelToken
+from optjob.pipeline.job_parts import job_publisher, stage_context
 from optjob.pipeline.plan import Plan
 from optjob.pipeline.shard_farm import HelperResult
-from optjob.pipeline.stage import StageContext, TensorStreamingTechnique, technique_for
+from optjob.pipeline.stage import TensorStreamingTechnique, technique_for
 from optjob.pipeline.stream_output import open_shard_output, streaming_settings
 from optjob.pipeline.stream_source import weight_order
 from optjob.runtime.phases import PhaseClock
 from optjob.storage.progress import FinishedUnit
-from optjob.storage.publish import Publisher
 from optjob.storage.stream import StreamingFetch
 from optjob.storage.tensorstream.reader import RemoteShard
 
@@ -62,13 +62,12 @@ def run_shard_unit(plan: Plan, *, job_arn: str, rel: str, etag: str, work_dir: P
         for name in small:
             fetch.wait(name)
         clock = PhaseClock()
-        publisher = Publisher(plan.output.s3_uri, job_name=plan.job_name, job_arn=job_arn,
-                              kms_key_id=plan.output.kms_key_id, settings=storage, cancel=cancel)  # fmt: skip
+        publisher = job_publisher(plan, job_arn, storage=storage, cancel=cancel)
         collected = _Collected()
         shard = RemoteShard(fetch.client, fetch.location.bucket, fetch.remotes[rel], read_ahead=read_ahead,
                             cancel=cancel, clock=clock, spool=source_dir / rel)  # fmt: skip
-        ctx = StageContext(job_name=plan.job_name, input_dir=source_dir, output_dir=out_dir, work_dir=work_dir,
-                           target=plan.target, env=stage.env, cancel=cancel, clock=clock)  # fmt: skip
+        ctx = stage_context(plan, stage, input_dir=source_dir, output_dir=out_dir, work_dir=work_dir, cancel=cancel,
+                            clock=clock)  # fmt: skip
         try:
             technique.run_tensor_units(
                 stage, ctx, [shard], open_shard_output(publisher, collected, out_dir, window, clock)

@@ -18,17 +18,17 @@ from pathlib import Path
 
 from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import EventSink
+from optjob.pipeline.job_parts import job_publisher, publish_streamed, stage_context
 from optjob.pipeline.outcome import RunOutcome
 from optjob.pipeline.plan import Plan
-from optjob.pipeline.stage import StageContext, StreamingTechnique, technique_for
+from optjob.pipeline.stage import StreamingTechnique, technique_for
 from optjob.pipeline.stream_source import open_source, weight_order
-from optjob.pipeline.transfer import ALLOW_PICKLE_ENV, SourceModel, build_manifest
+from optjob.pipeline.transfer import ALLOW_PICKLE_ENV
 from optjob.storage.inputs import (
     check_model_dir,
     check_shard_against_index,
     safetensors_header,
 )
-from optjob.storage.publish import Publisher
 from optjob.storage.s3 import MiB, S3Settings
 from optjob.storage.stream import StreamingFetch, can_stream
 
@@ -66,10 +66,7 @@ def run_streaming(
     weights = weight_order(fetch)
     small = sorted(set(fetch.remotes) - set(weights))
     fetch.start(order=small + weights)
-    publisher = Publisher(
-        plan.output.s3_uri, job_name=plan.job_name, job_arn=job_arn, kms_key_id=plan.output.kms_key_id,
-        settings=storage, events=events, cancel=cancel,
-    )  # fmt: skip
+    publisher = job_publisher(plan, job_arn, storage=storage, events=events, cancel=cancel)
     uploads: list[Future] = []
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optjob-upload")
     try:
@@ -91,10 +88,8 @@ def run_streaming(
         def ship(path: Path) -> None:
             uploads.append(pool.submit(publisher.upload, path.relative_to(out_dir).as_posix(), path))
 
-        ctx = StageContext(
-            job_name=plan.job_name, input_dir=source_dir, output_dir=out_dir, work_dir=work_dir,
-            target=plan.target, env=stage.env, events=events, cancel=cancel,
-        )  # fmt: skip
+        ctx = stage_context(plan, stage, input_dir=source_dir, output_dir=out_dir, work_dir=work_dir, events=events,
+                            cancel=cancel)  # fmt: skip
         events(stage.optimization_type, "start", 0.0, f"stage 1/1 via {stage.engine}, streaming shard by shard")
         result = technique.run_streaming(stage, ctx, arriving(), ship)
         events(stage.optimization_type, "done", 1.0, "stage 1/1 finished")
@@ -105,14 +100,8 @@ def run_streaming(
             future.result()
         events("upload", "shards", None, f"{len(uploads)} shards uploaded ({time.monotonic() - waited:.1f} s wait)")
         cancel.raise_if_cancelled()
-        source = SourceModel(path=source_dir, fetched=fetched)
-        metrics = {f"1:{stage.optimization_type}": result.metrics}
-        warnings = list(dict.fromkeys([*plan.all_warnings, *result.warnings]))
-        manifest = build_manifest(plan, job_arn, source, metrics, warnings)
-        published = publisher.commit(out_dir, manifest)
-        return RunOutcome(plan.recommended_image, warnings, metrics, [file.path for file in published.files],
-                          source_bytes=fetched.total_bytes, output_bytes=published.total_bytes,
-                          bytes_downloaded=fetched.bytes_downloaded)  # fmt: skip
+        return publish_streamed(plan, job_arn, publisher, stage=stage, result=result, source_dir=source_dir,
+                                out_dir=out_dir, fetched=fetched)  # fmt: skip
     except BaseException:
         fetch.stop()
         for future in uploads:

@@ -22,18 +22,18 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from optjob.errors import JobFailed
 from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import EventSink
+from optjob.pipeline.job_parts import job_publisher, publish_streamed, stage_context
 from optjob.pipeline.outcome import RunOutcome
 from optjob.pipeline.plan import Plan
 from optjob.pipeline.shard_farm import FarmedShards, ShardFarm
-from optjob.pipeline.stage import StageContext, TensorStreamingTechnique
+from optjob.pipeline.stage import TensorStreamingTechnique
 from optjob.pipeline.stream_output import check_memory_limit, open_shard_output, streaming_settings
 from optjob.pipeline.stream_source import open_source, weight_order
-from optjob.pipeline.transfer import ALLOW_PICKLE_ENV, SourceModel, build_manifest
+from optjob.pipeline.transfer import ALLOW_PICKLE_ENV
 from optjob.runtime.phases import PhaseClock
 from optjob.storage.inputs import check_model_dir, check_shard_against_index
 from optjob.storage.progress import FinishedUnit, Progress, ProgressLog, fingerprint
@@ -172,10 +172,7 @@ def run_tensor_streaming(
     small = sorted(set(fetch.remotes) - set(weights))
     fetch.start(order=small, only=True)
     clock = PhaseClock()
-    publisher = Publisher(
-        plan.output.s3_uri, job_name=plan.job_name, job_arn=job_arn, kms_key_id=plan.output.kms_key_id,
-        settings=storage, events=events, cancel=cancel,
-    )  # fmt: skip
+    publisher = job_publisher(plan, job_arn, storage=storage, events=events, cancel=cancel)
     farmed: FarmedShards | None = None
     try:
         weight_map = open_source(plan, fetch, source_dir, small, weights, publisher)
@@ -194,10 +191,8 @@ def run_tensor_streaming(
                                farmed)  # fmt: skip
         open_output = open_shard_output(publisher, progress, out_dir, window, clock)
 
-        ctx = StageContext(
-            job_name=plan.job_name, input_dir=source_dir, output_dir=out_dir, work_dir=work_dir,
-            target=plan.target, env=stage.env, events=events, cancel=cancel, clock=clock,
-        )  # fmt: skip
+        ctx = stage_context(plan, stage, input_dir=source_dir, output_dir=out_dir, work_dir=work_dir, events=events,
+                            cancel=cancel, clock=clock)  # fmt: skip
         events(stage.optimization_type, "start", 0.0, f"stage 1/1 via {stage.engine}, streaming tensor by tensor")
         result = technique.run_tensor_streaming(stage, ctx, shards, open_output)
         events(stage.optimization_type, "done", 1.0, "stage 1/1 finished")
@@ -210,19 +205,14 @@ def run_tensor_streaming(
         )  # fmt: skip
         check_model_dir(source_dir, allow_pickle=os.environ.get(ALLOW_PICKLE_ENV) == "1")
         cancel.raise_if_cancelled()
-        metrics: dict[str, Any] = {f"1:{stage.optimization_type}": result.metrics}
         result.metrics.setdefault("streaming", {}).update(
             {"granularity": "tensor", "phases_s": clock.seconds(), "memory": memory,
              "read_ahead_mib": read_ahead.window // MiB, "upload_part_mib": window.part // MiB,
              "uploads_in_flight": window.in_flight, "attempt": attempt, "resumed_files": resume.reused})  # fmt: skip
         if farmed is not None:
             result.metrics["streaming"]["workers"] = farmed.figures()
-        warnings = list(dict.fromkeys([*plan.all_warnings, *result.warnings]))
-        manifest = build_manifest(plan, job_arn, SourceModel(path=source_dir, fetched=fetched), metrics, warnings)
-        published = publisher.commit(out_dir, manifest)
-        return RunOutcome(plan.recommended_image, warnings, metrics, [file.path for file in published.files],
-                          source_bytes=fetched.total_bytes, output_bytes=published.total_bytes,
-                          bytes_downloaded=fetched.bytes_downloaded)  # fmt: skip
+        return publish_streamed(plan, job_arn, publisher, stage=stage, result=result, source_dir=source_dir,
+                                out_dir=out_dir, fetched=fetched)  # fmt: skip
     except BaseException:
         if farmed is not None:
             farmed.stop()
