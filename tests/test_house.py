@@ -32,3 +32,15 @@ def test_a_circle_hidden_inside_a_function_is_found(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "import circle: house.b <-> house.sub.a" in result.stdout
     assert "house.c" not in result.stdout and "house.sub <->" not in result.stdout
+
+
+def test_the_control_plane_does_not_import_the_model_libraries() -> None:
+    """``optjob serve``, the executor and the job service run no model: importing torch (a few hundred MB)
+    there would be paid by every API process. Workers import it when a job needs it."""
+    code = (
+        "import sys, optjob.cli.serve, optjob.jobs.daemon, optjob.jobs.service, optjob.api.app, optjob.console.routes;"
+        "print(sorted(m for m in ('torch', 'transformers', 'llmcompressor', 'modelopt', 'ray') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -34,8 +34,8 @@ from optjob.jobs.outcomes import clip_reason, end_stopping, fail, internal_error
 from optjob.jobs.store import JobRecord, Store, now_ms
 from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import Event, EventSink
+from optjob.pipeline.outcome import RunOutcome
 from optjob.pipeline.plan import Plan
-from optjob.pipeline.run import RunOutcome
 from optjob.runtime.allocator import tune_allocator
 from optjob.settings import Settings, load_settings
 from optjob.storage.credentials import AMBIENT_CREDENTIAL_VARIABLES, job_credentials
