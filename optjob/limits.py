@@ -53,6 +53,12 @@ class ModelFiles(BaseModel):
     keep: tuple[str, ...]
 
 
+class JobLimits(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    stop_deadline_seconds: float = Field(gt=0)
+
+
 class Limits(BaseModel):
     """``configs/limits.yaml``."""
 
@@ -63,6 +69,7 @@ class Limits(BaseModel):
     redaction: RedactionRules
     archive: ArchiveLimits
     model_files: ModelFiles
+    jobs: JobLimits
 
 
 @cache

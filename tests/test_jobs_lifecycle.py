@@ -295,3 +295,34 @@ def test_stop_racing_completion_has_exactly_one_outcome(service: JobService, set
         else:
             # Stop first -> the user's stop wins (STOPPED); failure first -> Stop is rejected.
             assert (record.status, stop_result[0]) in {("STOPPED", "stopped"), ("FAILED", "rejected")}
+
+
+@pytest.mark.parametrize("how", ["stop", "timeout"])
+def test_a_stage_stuck_in_a_call_that_never_returns_still_stops_within_the_deadline(
+    how: str, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker ends itself jobs.stop_deadline_seconds after the stop, long before the executor's
+    SIGKILL (a 600 s grace here), and the job ends as a stop does."""
+    from optjob.limits import limits
+
+    monkeypatch.setenv("OPTJOB_STOP_GRACE_SECONDS", "600")
+    use_pipeline(monkeypatch, "deaf")
+    settings = load_settings()
+    service = JobService(settings, start_executor=False)
+    runtime = {"StoppingCondition": {"MaxRuntimeInSeconds": 2}} if how == "timeout" else {}
+    deadline = limits().jobs.stop_deadline_seconds
+    with running_executor(settings):
+        service.create(make_request("stuck", **runtime))
+        wait_for(lambda: (service.get("stuck").last_event or {}).get("step") == "native", timeout=30)
+        asked = time.monotonic()
+        if how == "stop":
+            service.stop("stuck")
+        record = wait_status(service, "stuck", "STOPPED", "FAILED", timeout=deadline + 30)
+        took = time.monotonic() - asked
+    assert took < deadline + (12 if how == "timeout" else 8), f"ended {took:.1f} s after the stop"
+    assert record.status == ("STOPPED" if how == "stop" else "FAILED")
+    if how == "timeout":
+        assert record.failure_reason.startswith("MaxRuntimeExceeded:")
+    assert "stop overdue" in steps(record, "worker")
+    assert "SIGKILL" not in steps(record, "executor")
+    assert not scratch(settings, "stuck").exists()

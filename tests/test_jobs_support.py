@@ -208,3 +208,13 @@ def stubborn(plan: Plan, *, work_dir: Path, events: EventSink, cancel: CancelTok
     events("Compilation", "stuck", 0.1, "not listening")
     time.sleep(60)
     return RunOutcome(recommended_image=TEST_IMAGE)
+
+
+def deaf(plan: Plan, *, work_dir: Path, events: EventSink, cancel: CancelToken, **_: Any) -> RunOutcome:
+    """Keeps the worker's SIGTERM handler but sits in a call that never looks at it (a library that
+    does not return): the cancellation is recorded and never seen."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / "partial.bin").write_bytes(b"half a model")
+    events("Compilation", "native", 0.1, "inside a call that does not return")
+    time.sleep(600)
+    return RunOutcome(recommended_image=TEST_IMAGE)

@@ -32,6 +32,7 @@ from optjob.errors import JobCancelled, JobFailed, VerificationFailed
 from optjob.jobs.logs import JobLog
 from optjob.jobs.outcomes import clip_reason, end_stopping, fail, internal_error_reason, interrupted_reason
 from optjob.jobs.store import JobRecord, Store, now_ms
+from optjob.limits import limits
 from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.events import Event, EventSink
 from optjob.pipeline.outcome import RunOutcome
@@ -185,6 +186,8 @@ class Worker:
                 record = self.store.get(self.key)
             except Exception:  # noqa: BLE001 - a busy database is not a lost job
                 continue
+            if record is not None and self._stop_overdue(record):
+                os._exit(EXIT_STOPPED)
             if record is not None and record.worker_pid != self.pid:
                 self._write(
                     "worker",
@@ -193,6 +196,29 @@ class Worker:
                     level="warning",
                 )
                 os._exit(EXIT_NOT_OURS)
+
+    def _stop_overdue(self, record: JobRecord) -> bool:
+        """Whether a stop recorded ``stop_deadline_seconds`` ago has still not ended this process.
+
+        Checked on this thread, from the store, so it holds even while the main thread sits in a library
+        call that never returns and never lets the SIGTERM handler's cancellation be seen. Leaving
+        without cleanup is safe: the executor settles a worker that ended while STOPPING (STOPPED, or
+        FAILED for a timeout) and removes what it had uploaded."""
+        if record.status != "STOPPING" or record.stop_requested_at is None or record.worker_pid != self.pid:
+            return False
+        deadline = limits().jobs.stop_deadline_seconds
+        late = time.time() - record.stop_requested_at
+        if late < deadline:
+            return False
+        self._write(
+            "worker",
+            "stop overdue",
+            f"worker pid {self.pid}: still running {late:.0f} s after the stop was requested (a call that does not "
+            f"return; jobs.stop_deadline_seconds is {deadline:g}); ending the process, the executor discards the "
+            "partial output",
+            level="warning",
+        )
+        return True
 
     def _not_claimed(self) -> int:
         record = self.store.get(self.key)
