@@ -109,6 +109,8 @@ def inspect(directory: Path) -> Artifact:
     quant = config.get("quantization_config") or {}
     method = quant.get("quant_method")
     weight_format = (quant.get("format") if method == "compressed-tensors" else method) if method else None
+    if weight_format == "float-quantized" and _static_activations(quant):
+        weight_format = "float-quantized-static"
     props = _properties(directory)
     if (directory / "speculator" / "config.json").is_file() or (directory / "draft_model" / "config.json").is_file():
         drafter = "eagle3" if (directory / "speculator" / "config.json").is_file() else "draft_model"
@@ -120,6 +122,12 @@ def inspect(directory: Path) -> Artifact:
     if weight_format in load_config().cannot_run:
         return Artifact(kind="unsupported", weight_format=weight_format)
     return Artifact(kind="quantized" if weight_format else "plain", weight_format=weight_format)
+
+
+def _static_activations(quant: dict[str, Any]) -> bool:
+    """FP8 with calibrated (static) activation scales: the CPU build serves FP8 with dynamic ones only."""
+    groups = (quant.get("config_groups") or {}).values()
+    return any((group.get("input_activations") or {}).get("dynamic") is False for group in groups)
 
 
 _RANK = re.compile(r"model-rank-(\d+)-part-\d+\.safetensors$")
