@@ -314,8 +314,8 @@ def download_tasks(client: Any, bucket: str, prefix: str, dest: Path) -> list[An
 
 
 def our_transfer(direction: str, tasks: list[Any]) -> int:
-    from optjob.pipeline.cancel import CancelToken
-    from optjob.pipeline.events import NULL_SINK
+    from optjob.runtime.cancel import CancelToken
+    from optjob.runtime.events import NULL_SINK
     from optjob.storage.s3 import S3Settings, make_client
     from optjob.storage.transfer import run_transfers
 

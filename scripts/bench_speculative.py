@@ -82,8 +82,8 @@ def main() -> int:
     import torch
 
     from optjob.api.shapes import ModelSpeculativeDecodingConfig
-    from optjob.pipeline.events import EventSink
     from optjob.pipeline.stage import StageContext, technique_for
+    from optjob.runtime.events import EventSink
     from optjob.targets.catalog import instance
     from optjob.techniques.speculative.eagle3 import load_head
     from optjob.techniques.speculative.evaluate import DraftModelProposer, measure, reference_outputs

@@ -24,10 +24,10 @@ from optjob.api.errors import ValidationException, parse
 from optjob.api.shapes import CreateOptimizationJobRequest
 from optjob.errors import InputError, VerificationFailed
 from optjob.package.serving import read_serving_properties
-from optjob.pipeline.events import Event, EventSink
 from optjob.pipeline.plan import build_plan
 from optjob.pipeline.run import run_plan
 from optjob.pipeline.stage import StageContext, technique_for
+from optjob.runtime.events import Event, EventSink
 from optjob.storage.layout import MANIFEST_NAME
 from optjob.techniques.compile.modelopt_verify import verify_modelopt_checkpoint
 from tests.s3server import S3Bucket
@@ -404,7 +404,7 @@ def test_quantization_before_a_cuda_compilation_is_applied_by_it() -> None:
 
 def test_a_stop_during_calibration_publishes_nothing(s3_bucket: S3Bucket, tiny_llama: Path, tmp_path: Path) -> None:
     from optjob.errors import JobCancelled
-    from optjob.pipeline.cancel import CancelToken
+    from optjob.runtime.cancel import CancelToken
 
     s3_bucket.upload_dir(tiny_llama, "model")
     wire = _wire({**FP8, "OPTION_CALIB_SIZE": "32"}, ModelSource={"S3": {"S3Uri": s3_bucket.uri("model/")}})

@@ -117,7 +117,7 @@ def test_failed_gate_reason_is_formed(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_unreadable_checkpoint_in_the_end_to_end_check_points_to_the_log(tmp_path: Path) -> None:
-    from optjob.pipeline.events import EventSink
+    from optjob.runtime.events import EventSink
     from optjob.verify.gate import run_gate
     from optjob.verify.tensors import TensorFigures
 

@@ -30,7 +30,7 @@ from optjob.api.principals import Principal
 from optjob.api.server import create_app
 from optjob.errors import InputError
 from optjob.jobs.service import JobService
-from optjob.pipeline.cancel import CancelToken
+from optjob.runtime.cancel import CancelToken
 from optjob.settings import load_settings
 from optjob.storage.archive import extract_tar_stream
 from optjob.storage.inputs import check_model_dir

@@ -22,11 +22,11 @@ from optjob.api.errors import ValidationException
 from optjob.errors import InputError
 from optjob.jobs.logs import JobLog
 from optjob.jobs.service import JobService
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import EventSink
 from optjob.pipeline.outcome import RunOutcome
 from optjob.pipeline.plan import Plan, build_plan
 from optjob.pipeline.transfer import SourceModel, build_manifest
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import EventSink
 from optjob.settings import Settings
 from optjob.storage.publish import Publisher, publish_model
 from optjob.storage.s3 import S3Settings

@@ -25,8 +25,8 @@ from optjob.jobs.outcomes import MAX_FAILURE_REASON, reason_problems
 from optjob.jobs.service import JobService
 from optjob.jobs.store import JobRecord
 from optjob.jobs.worker import Worker
-from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.run import DEBUG_DELAY_ENV, RunOutcome
+from optjob.runtime.cancel import CancelToken
 from optjob.settings import Settings, load_settings
 from tests.test_jobs_support import (  # noqa: F401
     TEST_IMAGE,

@@ -32,10 +32,10 @@ from optjob.jobs.executor import Executor
 from optjob.jobs.local_backend import is_same_process
 from optjob.jobs.service import JobService
 from optjob.jobs.store import JobRecord, Store
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import EventSink
 from optjob.pipeline.plan import Plan
 from optjob.pipeline.run import DEBUG_DELAY_ENV, RunOutcome
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import EventSink
 from optjob.settings import Settings, load_settings
 
 PIPELINE = "tests.test_jobs_support"

@@ -24,12 +24,12 @@ from optjob.api.errors import parse
 from optjob.api.shapes import CreateOptimizationJobRequest
 from optjob.errors import InputError, JobCancelled, ToolchainMissing
 from optjob.package.serving import read_serving_properties
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import Event, EventSink
 from optjob.pipeline.plan import build_plan
 from optjob.pipeline.run import run_plan
 from optjob.pipeline.stage import technique_for
 from optjob.pipeline.tool_process import run_tool
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import Event, EventSink
 from optjob.storage.layout import MANIFEST_NAME
 from optjob.techniques.compile.neuron_compile import export_input
 from optjob.techniques.compile.neuron_env import cache_entry
@@ -376,7 +376,7 @@ def test_validate_plans_the_inf2_example_with_its_cache_path(neuron_env: Path, t
 
 def test_a_stored_entry_is_found_fetched_and_checked(s3_bucket: S3Bucket, tmp_path: Path) -> None:
     """What a Neuron worker writes after a compile (files, registry entry, manifest last) is the next job's hit."""
-    from optjob.pipeline.events import NULL_SINK
+    from optjob.runtime.events import NULL_SINK
     from optjob.storage.s3 import S3Settings, make_client
     from optjob.storage.uri import parse_s3_uri
     from optjob.techniques.compile.neuron_cache import CacheKey, NeuronCompileCache

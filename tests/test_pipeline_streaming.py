@@ -19,11 +19,11 @@ from safetensors.torch import load_file, save_file
 from optjob.api.errors import parse
 from optjob.api.shapes import CreateOptimizationJobRequest
 from optjob.errors import InputError
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import Event, EventSink
 from optjob.pipeline.plan import build_plan
 from optjob.pipeline.run import run_plan
 from optjob.pipeline.streaming import streaming_technique
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import Event, EventSink
 from optjob.storage.layout import MANIFEST_NAME
 from optjob.storage.stream import StreamingFetch
 from tests.s3server import S3Bucket

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from optjob.errors import JobCancelled
-from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.shard_farm import FarmedShards, HelperResult
+from optjob.runtime.cancel import CancelToken
 from optjob.storage.progress import FinishedUnit
 
 

@@ -18,11 +18,11 @@ from optjob.api.errors import parse
 from optjob.api.shapes import CreateOptimizationJobRequest
 from optjob.cli.validate import read_spec
 from optjob.errors import InputError, JobCancelled, VerificationFailed
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import Event, EventSink
 from optjob.pipeline.plan import build_plan
 from optjob.pipeline.run import run_plan
 from optjob.pipeline.streaming import streaming_technique
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import Event, EventSink
 from optjob.storage.layout import MANIFEST_NAME
 from tests.s3server import S3Bucket
 from tests.shard_models import build_model

@@ -23,10 +23,10 @@ from safetensors import safe_open
 from optjob.api.errors import ValidationException, parse
 from optjob.api.shapes import CreateOptimizationJobRequest
 from optjob.errors import InputError, VerificationFailed
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import Event, EventSink
 from optjob.pipeline.plan import build_plan
 from optjob.pipeline.run import run_plan
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import Event, EventSink
 from optjob.storage.layout import MANIFEST_NAME
 from optjob.techniques.quantize.calibration import load_texts
 from optjob.techniques.speculative.data import detect, read_training_data

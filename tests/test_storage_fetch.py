@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from optjob.errors import InputError, JobCancelled
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import Event, EventSink
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import Event, EventSink
 from optjob.storage.inputs import check_model_dir
 from optjob.storage.publish import publish_model
 from optjob.storage.s3 import S3Settings, make_client

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from optjob.errors import InputError, JobCancelled
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import Event, EventSink
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import Event, EventSink
 from optjob.storage.publish import get_json, publish_file, publish_model, put_json, read_manifest
 from optjob.storage.s3 import MiB, S3Settings, make_client
 from tests.s3server import S3Bucket, write_tiny_model

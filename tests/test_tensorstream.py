@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load, save
 
 from optjob.errors import InputError, JobCancelled, JobFailed
-from optjob.pipeline.cancel import CancelToken
+from optjob.runtime.cancel import CancelToken
 from optjob.runtime.phases import PhaseClock
 from optjob.storage.safetensors_io import TORCH_TO_ST
 from optjob.storage.source import RemoteFile

@@ -209,7 +209,7 @@ def test_untrained_model_completes_fp8_dynamic(tmp_path: Path) -> None:
 
 def test_gate_reports_the_comparisons_own_peak_memory_and_stops_when_cancelled(tiny: Path, nf4_out: Path) -> None:
     from optjob.errors import JobCancelled
-    from optjob.pipeline.cancel import CancelToken
+    from optjob.runtime.cancel import CancelToken
     from optjob.verify.gate import run_gate
 
     report = run_gate(tiny, nf4_out, "nf4")

@@ -26,10 +26,10 @@ from typing import Any, TextIO
 from optjob.errors import JobCancelled, JobFailed, ToolchainMissing
 from optjob.jobs.outcomes import internal_error_reason
 from optjob.jobs.worker import load_pipeline
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import Event, EventSink
 from optjob.pipeline.plan import Plan
 from optjob.runtime.allocator import tune_allocator
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import Event, EventSink
 
 
 class Channel:

@@ -16,8 +16,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from optjob.pipeline.events import Event
 from optjob.redaction import redact_text
+from optjob.runtime.events import Event
 
 
 class JobLog:

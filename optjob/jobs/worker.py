@@ -33,11 +33,11 @@ from optjob.jobs.logs import JobLog
 from optjob.jobs.outcomes import clip_reason, end_stopping, fail, internal_error_reason, interrupted_reason
 from optjob.jobs.store import JobRecord, Store, now_ms
 from optjob.limits import limits
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import Event, EventSink
 from optjob.pipeline.outcome import RunOutcome
 from optjob.pipeline.plan import Plan
 from optjob.runtime.allocator import tune_allocator
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import Event, EventSink
 from optjob.settings import Settings, load_settings
 from optjob.storage.credentials import AMBIENT_CREDENTIAL_VARIABLES, job_credentials
 from optjob.storage.s3 import S3Settings

@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import NULL_SINK, EventSink
 from optjob.pipeline.outcome import RunOutcome
 from optjob.pipeline.plan import Plan
 from optjob.pipeline.stage import PlannedStage, StageContext, StageResult
 from optjob.pipeline.transfer import SourceModel, build_manifest
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import NULL_SINK, EventSink
 from optjob.runtime.phases import PhaseClock
 from optjob.storage.publish import Publisher
 from optjob.storage.s3 import S3Settings

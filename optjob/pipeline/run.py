@@ -14,8 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import NULL_SINK, EventSink
 from optjob.pipeline.job_parts import job_publisher, stage_context
 from optjob.pipeline.outcome import RunOutcome
 from optjob.pipeline.plan import Plan
@@ -25,6 +23,8 @@ from optjob.pipeline.stage import TensorStreamingTechnique, technique_for
 from optjob.pipeline.streaming import GRANULARITY_ENV, run_streaming, streaming_technique
 from optjob.pipeline.tensor_streaming import run_tensor_streaming
 from optjob.pipeline.transfer import SourceModel, build_manifest, fetch_source, publish_output
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import NULL_SINK, EventSink
 from optjob.storage.progress import fingerprint
 from optjob.storage.s3 import S3Settings
 from optjob.storage.staging import StageStore

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from optjob.errors import InputError
-from optjob.pipeline.cancel import CancelToken
 from optjob.pipeline.job_parts import job_publisher, stage_context
 from optjob.pipeline.plan import Plan
 from optjob.pipeline.shard_farm import HelperResult
 from optjob.pipeline.stage import TensorStreamingTechnique, technique_for
 from optjob.pipeline.stream_output import open_shard_output, streaming_settings
 from optjob.pipeline.stream_source import weight_order
+from optjob.runtime.cancel import CancelToken
 from optjob.runtime.phases import PhaseClock
 from optjob.storage.progress import FinishedUnit
 from optjob.storage.stream import StreamingFetch

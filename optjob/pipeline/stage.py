@@ -24,8 +24,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import NULL_SINK, EventSink
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import NULL_SINK, EventSink
 from optjob.runtime.phases import PhaseClock
 from optjob.targets.catalog import InstanceSpec
 

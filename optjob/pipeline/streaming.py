@@ -16,14 +16,14 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import EventSink
 from optjob.pipeline.job_parts import job_publisher, publish_streamed, stage_context
 from optjob.pipeline.outcome import RunOutcome
 from optjob.pipeline.plan import Plan
 from optjob.pipeline.stage import StreamingTechnique, technique_for
 from optjob.pipeline.stream_source import open_source, weight_order
 from optjob.pipeline.transfer import ALLOW_PICKLE_ENV
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import EventSink
 from optjob.storage.inputs import (
     check_model_dir,
     check_shard_against_index,

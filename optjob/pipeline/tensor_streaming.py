@@ -24,8 +24,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from optjob.errors import JobFailed
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import EventSink
 from optjob.pipeline.job_parts import job_publisher, publish_streamed, stage_context
 from optjob.pipeline.outcome import RunOutcome
 from optjob.pipeline.plan import Plan
@@ -34,6 +32,8 @@ from optjob.pipeline.stage import TensorStreamingTechnique
 from optjob.pipeline.stream_output import check_memory_limit, open_shard_output, streaming_settings
 from optjob.pipeline.stream_source import open_source, weight_order
 from optjob.pipeline.transfer import ALLOW_PICKLE_ENV
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import EventSink
 from optjob.runtime.phases import PhaseClock
 from optjob.storage.inputs import check_model_dir, check_shard_against_index
 from optjob.storage.progress import FinishedUnit, Progress, ProgressLog, fingerprint

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from optjob.errors import JobCancelled
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import EventSink
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import EventSink
 
 _POLL_S = 0.1
 _KEEP_LINES = 40

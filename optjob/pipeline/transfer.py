@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from optjob.errors import InputError
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import NULL_SINK, EventSink
 from optjob.pipeline.plan import Plan
 from optjob.redaction import redact_tree
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import NULL_SINK, EventSink
 from optjob.storage.eula import model_card_gating
 from optjob.storage.inputs import check_model_dir, dropped_warning
 from optjob.storage.publish import Publisher, publish_model

@@ -25,7 +25,7 @@ from urllib3.exceptions import HTTPError
 
 from optjob.errors import InfrastructureError, InputError
 from optjob.limits import limits
-from optjob.pipeline.cancel import CancelToken
+from optjob.runtime.cancel import CancelToken
 from optjob.storage.inputs import is_model_file, safe_relative_path
 from optjob.storage.s3 import MiB, S3Client, storage_error
 

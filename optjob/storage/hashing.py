@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from optjob.pipeline.cancel import CancelToken
+from optjob.runtime.cancel import CancelToken
 
 _CHUNK = 4 * 1024 * 1024
 

@@ -25,8 +25,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from optjob.errors import InfrastructureError, InputError, JobFailed
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import NULL_SINK, EventSink
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import NULL_SINK, EventSink
 from optjob.runtime.phases import PhaseClock
 from optjob.storage.hashing import sha256_file, sha256_files
 from optjob.storage.layout import (

@@ -28,8 +28,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from optjob.errors import InfrastructureError, InputError, JobCancelled
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import NULL_SINK, EventSink
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import NULL_SINK, EventSink
 from optjob.storage.archive import RangeReader, extract_tar_stream, is_archive_key
 from optjob.storage.hashing import sha256_files
 from optjob.storage.inputs import is_model_file, safe_relative_path

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from optjob.errors import JobFailed
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import EventSink
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import EventSink
 from optjob.storage.hashing import sha256_file, sha256_files
 from optjob.storage.progress import FinishedUnit, Progress, ProgressLog
 from optjob.storage.publish import Publisher, sse_args

@@ -19,8 +19,8 @@ import shutil
 import threading
 from pathlib import Path
 
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import NULL_SINK
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import NULL_SINK
 from optjob.storage.archive import is_archive_key
 from optjob.storage.hashing import sha256_file
 from optjob.storage.s3 import S3Client, S3Settings, make_client

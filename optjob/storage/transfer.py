@@ -19,8 +19,8 @@ from s3transfer.manager import TransferManager
 from s3transfer.subscribers import BaseSubscriber
 
 from optjob.errors import JobCancelled
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import EventSink
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import EventSink
 from optjob.storage.s3 import MiB, S3Client, S3Settings, storage_error, transfer_config
 
 _POLL_S = 0.05

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from optjob.errors import InfrastructureError, VerificationFailed, first_line, reason_sentence
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import NULL_SINK, EventSink
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import NULL_SINK, EventSink
 from optjob.verify.loadable import transformers_load_problems
 from optjob.verify.tensors import TensorFigures, compare_checkpoints
 from optjob.verify.thresholds import thresholds_config, thresholds_for

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from optjob.pipeline.cancel import CancelToken
+from optjob.runtime.cancel import CancelToken
 from optjob.runtime.phases import PhaseClock
 from optjob.storage.s3 import S3Client, storage_error
 from optjob.storage.tensorstream.sidecar import Sidecar

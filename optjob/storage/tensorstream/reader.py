@@ -28,7 +28,7 @@ from typing import BinaryIO
 import torch
 
 from optjob.errors import InputError
-from optjob.pipeline.cancel import CancelToken
+from optjob.runtime.cancel import CancelToken
 from optjob.runtime.phases import PhaseClock
 from optjob.storage.s3 import S3Client, storage_error
 from optjob.storage.source import RemoteFile

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from optjob.pipeline.cancel import CancelToken
+from optjob.runtime.cancel import CancelToken
 from optjob.runtime.phases import PhaseClock
 
 _POLL_S = 0.1

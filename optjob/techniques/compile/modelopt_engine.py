@@ -25,8 +25,8 @@ import torch
 
 from optjob.errors import InputError
 from optjob.model_tokenizer import load_tokenizer, token_id_sequences
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import EventSink
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import EventSink
 from optjob.techniques.compile.cuda_plan import CudaCompileParams, cuda_rules
 
 STAGE = "Compilation"

@@ -32,8 +32,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from optjob.errors import InputError
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import EventSink
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import EventSink
 from optjob.storage.hashing import sha256_file
 from optjob.storage.publish import get_json, put_json
 from optjob.storage.s3 import S3Client, S3Settings, storage_error

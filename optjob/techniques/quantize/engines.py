@@ -28,8 +28,8 @@ import torch
 
 from optjob.errors import InputError
 from optjob.model_tokenizer import TokenizerLoad, load_tokenizer, token_id_sequences
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import NULL_SINK, EventSink
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import NULL_SINK, EventSink
 from optjob.techniques.quantize import fp8_cpu
 from optjob.techniques.quantize.params import QuantizationParams
 from optjob.techniques.quantize.streaming import torch_dtype

@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import NULL_SINK, EventSink
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import NULL_SINK, EventSink
 from optjob.storage.inputs import SAFETENSORS_INDEX, indexed_weight_names, weight_files
 from optjob.storage.safetensors_io import FLOAT_DTYPES, TORCH_TO_ST
 from optjob.techniques.quantize import fp8_cpu

@@ -22,8 +22,8 @@ from typing import Any, Protocol
 
 import torch
 
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import NULL_SINK, EventSink
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import NULL_SINK, EventSink
 from optjob.runtime.phases import PhaseClock
 from optjob.storage.progress import FinishedUnit
 from optjob.storage.safetensors_io import FLOAT_DTYPES, TORCH_TO_ST, torch_dtype

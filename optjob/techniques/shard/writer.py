@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from optjob.errors import InputError
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import NULL_SINK, EventSink
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import NULL_SINK, EventSink
 from optjob.storage.safetensors_io import ShardReader, ShardWriter
 from optjob.techniques.shard.layout import (
     Entry,

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from optjob.errors import InputError
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import EventSink
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import EventSink
 from optjob.storage.inputs import check_model_dir
 from optjob.storage.s3 import S3Settings
 from optjob.storage.source import FetchedModel, fetch_model

@@ -22,8 +22,8 @@ from typing import Any, Protocol
 
 import torch
 
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import EventSink
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import EventSink
 from optjob.techniques.speculative.target import Target
 
 STAGE = "SpeculativeDecoding"

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from optjob.pipeline.cancel import CancelToken
-from optjob.pipeline.events import EventSink
+from optjob.runtime.cancel import CancelToken
+from optjob.runtime.events import EventSink
 from optjob.techniques.speculative.eagle3 import Eagle3Head, HeadConfig, StepKV
 from optjob.techniques.speculative.params import TrainerRules
 from optjob.techniques.speculative.target import Target
