@@ -6,7 +6,7 @@ synthetic checkpoint with the real Llama-3.2-1B architecture (hidden 2048, 16 la
 SwiGLU 8192, vocab 128256, tied embeddings: 1.24 B parameters, ~2.5 GB bf16), random weights
 written shard by shard (never the whole model in memory) with an index, config and a tokenizer,
 cached under ``$OPTJOB_CACHE_DIR/bench/`` (default ``~/.cache/optjob``). It is uploaded to a real
-local S3 server (SeaweedFS ``weed mini``, started with tests/s3server.py's helpers). Then, one after
+local S3 server (SeaweedFS ``weed mini``, started with tests/support/s3server.py's helpers). Then, one after
 another in one run, each as its own measured process tree (wall time; peak RSS summed over the tree,
 sampled every 50 ms):
 
@@ -267,8 +267,8 @@ def dir_bytes(path: Path) -> int:
 
 @contextlib.contextmanager
 def s3_server() -> Iterator[Any]:
-    """tests/s3server.py's ``weed mini`` on loopback (importable because the repo root is on sys.path)."""
-    from tests.s3server import run_weed_mini
+    """tests/support/s3server.py's ``weed mini`` on loopback (importable because the repo root is on sys.path)."""
+    from tests.support.s3server import run_weed_mini
 
     with run_weed_mini() as server:
         yield server
@@ -450,7 +450,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             "arch": asdict(arch),
             "scheme": "FP8_DYNAMIC (data-free), lm_head kept",
             "optjob_target": opts.target,
-            "s3": "SeaweedFS weed mini on loopback (tests/s3server.py)",
+            "s3": "SeaweedFS weed mini on loopback (tests/support/s3server.py)",
             "aws_cli": " ".join(aws_cli()),
             "our_transfer_settings": "optjob.storage.S3Settings() defaults: 10 threads, 16 MiB parts",
             "work_dir": str(work),

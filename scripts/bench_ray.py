@@ -35,8 +35,8 @@ from optjob.settings import load_settings  # noqa: E402
 from optjob.storage.layout import PROGRESS_NAME  # noqa: E402
 from optjob.testing import build_tiny_llama  # noqa: E402
 from optjob.testing.ray_cluster import LoopbackRayCluster  # noqa: E402
-from tests.s3server import run_weed_mini  # noqa: E402
-from tests.stage_support import fp8_job_request  # noqa: E402
+from tests.support.s3server import run_weed_mini  # noqa: E402
+from tests.support.stages import fp8_job_request  # noqa: E402
 
 
 def upload(client: Any, bucket: str, model: Path) -> str:

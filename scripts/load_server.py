@@ -28,7 +28,7 @@ from botocore.config import Config
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.server_process import ACCESS_KEY, SECRET_KEY, running_server  # noqa: E402
+from tests.support.server_process import ACCESS_KEY, SECRET_KEY, running_server  # noqa: E402
 
 SPEC = json.loads((ROOT / "configs" / "examples" / "neuron-compile-inf2-48xlarge.json").read_text())
 SPEC["ModelSource"] = {"S3": {"S3Uri": "s3://load-test/model/"}}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from optjob.targets.catalog import catalog, instance
-from tests.botocore_model import shape
+from tests.support.botocore_model import shape
 
 
 def test_catalog_covers_exactly_the_enum() -> None:

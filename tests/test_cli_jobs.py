@@ -1,6 +1,6 @@
 """The job CLI end to end: real daemons, real workers, real SIGINT for `optjob run`'s Ctrl-C."""
 
-# Fixtures are imported from tests.test_jobs_support, so their parameters shadow the imports.
+# Fixtures are imported from tests.support.jobs, so their parameters shadow the imports.
 # ruff: noqa: F811
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from optjob.jobs.environment import worker_environment
 from optjob.jobs.service import JobService
 from optjob.pipeline.run import DEBUG_DELAY_ENV
 from optjob.settings import Settings
-from tests.test_jobs_support import (  # noqa: F401
+from tests.support.jobs import (  # noqa: F401
     TEST_IMAGE,
     home,
     kill_leftovers,

@@ -14,7 +14,7 @@ import pytest
 
 from optjob.api import shapes
 from optjob.api.constraints import BoolRule, EnumRule, IntRule, ListRule, MapRule, StrRule, TimestampRule
-from tests.botocore_model import operation_shapes, reachable_shapes, shape
+from tests.support.botocore_model import operation_shapes, reachable_shapes, shape
 
 SHAPE_CLASSES = {
     cls.__shape__: cls

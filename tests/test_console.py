@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from optjob.testing.local_s3 import S3Server, run_weed_mini
-from tests.server_process import Server, running_server, wait_terminal
 from tests.support.browser import Watched, browser, new_page
+from tests.support.server_process import Server, running_server, wait_terminal
 
 pytestmark = pytest.mark.slow
 

@@ -30,7 +30,7 @@ from optjob.pipeline.stage import StageContext, technique_for
 from optjob.runtime.events import Event, EventSink
 from optjob.storage.layout import MANIFEST_NAME
 from optjob.techniques.compile.modelopt_verify import verify_modelopt_checkpoint
-from tests.s3server import S3Bucket
+from tests.support.s3server import S3Bucket
 
 ROOT = Path(__file__).resolve().parent.parent
 ARN = "arn:aws:sagemaker:us-east-1:000000000000:optimization-job/{}"

@@ -9,7 +9,7 @@ import pytest
 from optjob.api.errors import ValidationException
 from optjob.cli.validate import load_request
 from optjob.pipeline.plan import build_plan
-from tests.botocore_model import shape
+from tests.support.botocore_model import shape
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "configs" / "examples"
 ENUM = "[" + ", ".join(shape("OptimizationJobDeploymentInstanceType")["enum"]) + "]"

@@ -27,7 +27,7 @@ from optjob.jobs.outcomes import (
 from optjob.pipeline.stage import StageContext, technique_for
 from optjob.targets.catalog import instance
 from optjob.testing import build_tiny_llama
-from tests.stage_support import bnb_saving_scrambled, run_quantization_stage
+from tests.support.stages import bnb_saving_scrambled, run_quantization_stage
 
 
 def _formed(reason: str) -> str:

@@ -5,7 +5,7 @@ in process through Starlette's test client with requests signed by botocore; one
 ``optjob serve`` to show that an oversized or unsigned body is refused before it is read.
 """
 
-# Fixtures are imported from tests.test_jobs_support, so their parameters shadow the imports.
+# Fixtures are imported from tests.support.jobs, so their parameters shadow the imports.
 # ruff: noqa: F811
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from optjob.jobs.service import JobService
 from optjob.jobs.tenancy import Caller
 from optjob.limits import limits
 from optjob.settings import load_settings
-from tests.server_process import ACCESS_KEY, SECRET_KEY, running_server
-from tests.test_jobs_support import home, make_request, request_wire, service, settings  # noqa: F401
+from tests.support.jobs import home, make_request, request_wire, service, settings  # noqa: F401
+from tests.support.server_process import ACCESS_KEY, SECRET_KEY, running_server
 
 KEY, SECRET = "AKIAHOSTILE000000001", "hostile/secret"
 ACCOUNT = "111111111111"

@@ -19,8 +19,8 @@ from optjob.pipeline.plan import build_plan
 from optjob.pipeline.transfer import SourceModel, build_manifest
 from optjob.storage.s3 import S3Settings
 from optjob.storage.source import fetch_model
-from tests.s3server import S3Bucket, write_tiny_model
-from tests.test_jobs_support import make_request
+from tests.support.jobs import make_request
+from tests.support.s3server import S3Bucket, write_tiny_model
 
 GIB = 2**30
 

@@ -36,7 +36,7 @@ from optjob.storage.archive import extract_tar_stream
 from optjob.storage.inputs import check_model_dir
 from optjob.storage.tensorstream.header import parse_header
 from optjob.testing.local_s3 import write_tiny_model
-from tests.test_jobs_support import request_wire
+from tests.support.jobs import request_wire
 
 KEY, SECRET, ACCOUNT = "AKIAFUZZ000000000001", "fuzz/secret", "111111111111"
 OPERATIONS = ["CreateOptimizationJob", "DescribeOptimizationJob", "ListOptimizationJobs", "StopOptimizationJob",

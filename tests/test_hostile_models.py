@@ -174,7 +174,7 @@ def test_a_job_on_a_hostile_config_fails_at_once_naming_config_json(
     from optjob.api.shapes import CreateOptimizationJobRequest
     from optjob.pipeline.plan import build_plan
     from optjob.pipeline.run import run_plan
-    from tests.stage_support import fp8_job_request
+    from tests.support.stages import fp8_job_request
 
     monkeypatch.setenv("OPTJOB_STREAM_GRANULARITY", "file" if granularity == "file" else "tensor")
     model = Path(shutil.copytree(llama, tmp_path / "model"))

@@ -5,7 +5,7 @@ is the one ``build_manifest`` makes for a real plan, and ownership is checked ag
 server (SeaweedFS, ``s3_bucket``).
 """
 
-# Fixtures are imported from tests.test_jobs_support, so their parameters shadow the imports.
+# Fixtures are imported from tests.support.jobs, so their parameters shadow the imports.
 # ruff: noqa: F811
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ from optjob.settings import Settings
 from optjob.storage.publish import Publisher, publish_model
 from optjob.storage.s3 import S3Settings
 from optjob.storage.source import FetchedModel
-from tests.s3server import S3Bucket, write_tiny_model
-from tests.test_jobs_support import (  # noqa: F401
+from tests.support.jobs import (  # noqa: F401
     home,
     make_request,
     running_executor,
@@ -41,6 +40,7 @@ from tests.test_jobs_support import (  # noqa: F401
     wait_for,
     wait_status,
 )
+from tests.support.s3server import S3Bucket, write_tiny_model
 
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 HF = "hf_" + "a1B2c3D4" * 5

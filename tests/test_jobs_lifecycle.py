@@ -5,7 +5,7 @@ INPROGRESS -> STOPPING -> FAILED (MaxRuntimeExceeded); STARTING -> FAILED (Capac
 worker killed by a signal or crashing; SIGTERM that was not a Stop; a Stop racing completion.
 """
 
-# Fixtures are imported from tests.test_jobs_support, so their parameters shadow the imports.
+# Fixtures are imported from tests.support.jobs, so their parameters shadow the imports.
 # ruff: noqa: F811
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from optjob.jobs.worker import Worker
 from optjob.pipeline.run import DEBUG_DELAY_ENV, RunOutcome
 from optjob.runtime.cancel import CancelToken
 from optjob.settings import Settings, load_settings
-from tests.test_jobs_support import (  # noqa: F401
+from tests.support.jobs import (  # noqa: F401
     TEST_IMAGE,
     executor,
     home,

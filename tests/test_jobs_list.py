@@ -1,6 +1,6 @@
 """ListOptimizationJobs: every filter, every sort, MaxResults, and a NextToken that survives creates."""
 
-# Fixtures are imported from tests.test_jobs_support, so their parameters shadow the imports.
+# Fixtures are imported from tests.support.jobs, so their parameters shadow the imports.
 # ruff: noqa: F811
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from optjob.api.errors import ValidationException
 from optjob.config_files import load_config
 from optjob.jobs.service import JobService
 from optjob.settings import Settings, load_settings
-from tests.test_jobs_support import home, make_request  # noqa: F401
+from tests.support.jobs import home, make_request  # noqa: F401
 
 T0 = 1_700_000_000.0
 CONFIGS = {

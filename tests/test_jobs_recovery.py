@@ -5,7 +5,7 @@ the workers are its real children. After SIGKILL of the daemon, workers keep run
 session); a new daemon adopts live ones and settles the jobs of dead ones.
 """
 
-# Fixtures are imported from tests.test_jobs_support, so their parameters shadow the imports.
+# Fixtures are imported from tests.support.jobs, so their parameters shadow the imports.
 # ruff: noqa: F811
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from optjob.jobs.service import JobService
 from optjob.jobs.store import Store
 from optjob.pipeline.run import DEBUG_DELAY_ENV
 from optjob.settings import Settings
-from tests.test_jobs_support import (  # noqa: F401
+from tests.support.jobs import (  # noqa: F401
     home,
     kill_leftovers,
     make_request,

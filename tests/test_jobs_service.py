@@ -1,6 +1,6 @@
 """The five operations' rules, against a real store and no executor (nothing runs here)."""
 
-# Fixtures are imported from tests.test_jobs_support, so their parameters shadow the imports.
+# Fixtures are imported from tests.support.jobs, so their parameters shadow the imports.
 # ruff: noqa: F811
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from optjob.jobs.outcomes import MAX_FAILURE_REASON, fail
 from optjob.jobs.service import JobService
 from optjob.jobs.store import Store
 from optjob.settings import load_settings
-from tests.test_jobs_support import home, make_request, request_wire, service, settings  # noqa: F401
+from tests.support.jobs import home, make_request, request_wire, service, settings  # noqa: F401
 
 TAGS = [{"Key": "team", "Value": "ml"}]
 

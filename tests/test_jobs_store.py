@@ -1,6 +1,6 @@
 """The store: compare-and-set transitions, and several processes writing one database at once."""
 
-# Fixtures are imported from tests.test_jobs_support, so their parameters shadow the imports.
+# Fixtures are imported from tests.support.jobs, so their parameters shadow the imports.
 # ruff: noqa: F811
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from optjob.jobs.service import JobService
 from optjob.jobs.store import SCHEMA_VERSION, ConsoleSession, Store
 from optjob.settings import Settings, load_settings
-from tests.test_jobs_support import home, make_request, service, settings  # noqa: F401
+from tests.support.jobs import home, make_request, service, settings  # noqa: F401
 
 
 def test_transition_is_compare_and_set(service: JobService) -> None:

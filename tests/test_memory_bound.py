@@ -19,8 +19,8 @@ import pytest
 
 from optjob.config_files import load_config
 from optjob.testing.memory_cgroup import MemoryCgroup
-from tests.s3server import S3Bucket
-from tests.stage_support import fp8_job_request
+from tests.support.s3server import S3Bucket
+from tests.support.stages import fp8_job_request
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20

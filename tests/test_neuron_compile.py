@@ -34,7 +34,7 @@ from optjob.storage.layout import MANIFEST_NAME
 from optjob.techniques.compile.neuron_compile import export_input
 from optjob.techniques.compile.neuron_env import cache_entry
 from optjob.techniques.compile.neuron_layout import layout_problems, shard_name
-from tests.s3server import S3Bucket
+from tests.support.s3server import S3Bucket
 
 ROOT = Path(__file__).resolve().parent.parent
 ARN = "arn:aws:sagemaker:us-east-1:000000000000:optimization-job/{}"

@@ -26,8 +26,8 @@ from optjob.runtime.cancel import CancelToken
 from optjob.runtime.events import Event, EventSink
 from optjob.storage.layout import MANIFEST_NAME
 from optjob.storage.stream import StreamingFetch
-from tests.s3server import S3Bucket
-from tests.stage_support import fp8_job_request
+from tests.support.s3server import S3Bucket
+from tests.support.stages import fp8_job_request
 
 ARN = "arn:aws:sagemaker:us-east-1:000000000000:optimization-job/{}"
 

@@ -7,7 +7,7 @@ from typing import Any
 from optjob.jobs.placement import RayRules, job_request, missing, ray_rules
 from optjob.pipeline.plan import Plan, build_plan
 from optjob.pipeline.stage import StageNeeds
-from tests.test_jobs_support import make_request
+from tests.support.jobs import make_request
 
 FP8 = {
     "ModelQuantizationConfig": {"OverrideEnvironment": {"OPTION_QUANTIZE": "fp8", "OPTION_FP8_SCHEME": "FP8_DYNAMIC"}}

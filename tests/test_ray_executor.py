@@ -7,7 +7,7 @@ executor as the real control process (``python -m optjob.jobs.daemon`` with OPTJ
 so restarting it is a real process restart. Everything started is stopped by PID.
 """
 
-# Fixtures are imported from tests.test_jobs_support, so their parameters shadow the imports.
+# Fixtures are imported from tests.support.jobs, so their parameters shadow the imports.
 # ruff: noqa: F811
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from optjob.jobs.service import JobService
 from optjob.settings import Settings
 from optjob.storage.layout import MANIFEST_NAME, PROGRESS_NAME
 from optjob.testing.ray_cluster import LoopbackRayCluster
-from tests.s3server import S3Bucket
-from tests.stage_support import fp8_job_request
-from tests.test_jobs_support import home, make_request, settings, use_pipeline, wait_for, wait_status  # noqa: F401
+from tests.support.jobs import home, make_request, settings, use_pipeline, wait_for, wait_status  # noqa: F401
+from tests.support.s3server import S3Bucket
+from tests.support.stages import fp8_job_request
 
 pytestmark = pytest.mark.slow
 

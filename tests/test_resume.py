@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from optjob.storage.layout import MANIFEST_NAME, PROGRESS_NAME
-from tests.s3server import S3Bucket
-from tests.stage_support import fp8_job_request
+from tests.support.s3server import S3Bucket
+from tests.support.stages import fp8_job_request
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,7 +17,7 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from tests.server_process import ACCESS_KEY, SECRET_KEY, Server, running_server, wait_terminal
+from tests.support.server_process import ACCESS_KEY, SECRET_KEY, Server, running_server, wait_terminal
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "configs" / "examples" / "neuron-compile-inf2-48xlarge.json"
 

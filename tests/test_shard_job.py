@@ -24,8 +24,8 @@ from optjob.pipeline.streaming import streaming_technique
 from optjob.runtime.cancel import CancelToken
 from optjob.runtime.events import Event, EventSink
 from optjob.storage.layout import MANIFEST_NAME
-from tests.s3server import S3Bucket
-from tests.shard_models import build_model
+from tests.support.s3server import S3Bucket
+from tests.support.shard_models import build_model
 
 ARN = "arn:aws:sagemaker:us-east-1:000000000000:optimization-job/{}"
 EXAMPLE = Path(__file__).resolve().parent.parent / "configs" / "examples" / "shard-tp2-g6-12xlarge.json"

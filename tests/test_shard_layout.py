@@ -19,7 +19,7 @@ from optjob.errors import InputError, VerificationFailed
 from optjob.pipeline.stage import PlanError, StageContext, StageResult, technique_for
 from optjob.storage.safetensors_io import ShardReader
 from optjob.targets.catalog import instance
-from tests.shard_models import build_model
+from tests.support.shard_models import build_model
 
 BUFFERS = ("_k_scale", "_v_scale", "_q_scale", "_prob_scale")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.shard_models import build_model
+from tests.support.shard_models import build_model
 from tests.test_shard_layout import run_stage
 
 ROOT = Path(__file__).resolve().parent.parent

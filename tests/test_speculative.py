@@ -2,7 +2,7 @@
 
 Jobs run through ``run_plan`` as a worker runs them (real S3 server, the tiny trained Llama as the
 target), and through ``optjob run`` for the shipped example. The published head is checked against
-an EAGLE-3 drafter written separately from vLLM's semantics (``tests/eagle3_reference.py``), which
+an EAGLE-3 drafter written separately from vLLM's semantics (``tests/support/eagle3_reference.py``), which
 must reproduce the acceptance figures the job recorded.
 """
 
@@ -34,8 +34,8 @@ from optjob.techniques.speculative.evaluate import Figures, measure, reference_o
 from optjob.techniques.speculative.target import Target, aux_layer_ids, load_target
 from optjob.techniques.speculative.technique import judge
 from optjob.techniques.speculative.train import DraftVocab, init_head
-from tests.eagle3_reference import ReferenceEagle3, replay
-from tests.s3server import S3Bucket
+from tests.support.eagle3_reference import ReferenceEagle3, replay
+from tests.support.s3server import S3Bucket
 
 ROOT = Path(__file__).resolve().parent.parent
 ARN = "arn:aws:sagemaker:us-east-1:000000000000:optimization-job/{}"

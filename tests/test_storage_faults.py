@@ -21,8 +21,8 @@ from optjob.errors import InfrastructureError
 from optjob.storage.publish import publish_model, read_manifest
 from optjob.storage.s3 import MiB, S3Settings
 from optjob.storage.source import fetch_model
-from tests.s3server import S3Bucket, write_tiny_model
-from tests.tcp_proxy import FaultProxy
+from tests.support.s3server import S3Bucket, write_tiny_model
+from tests.support.tcp_proxy import FaultProxy
 
 JOB = {"job_name": "faulty", "job_arn": "arn:aws:sagemaker:us-east-1:123456789012:optimization-job/faulty"}
 SETTINGS = S3Settings(

@@ -18,7 +18,7 @@ from optjob.storage.inputs import check_model_dir
 from optjob.storage.publish import publish_model
 from optjob.storage.s3 import S3Settings, make_client
 from optjob.storage.source import fetch_model
-from tests.s3server import S3Bucket, write_tiny_model
+from tests.support.s3server import S3Bucket, write_tiny_model
 
 
 def _sha(path: Path) -> str:

@@ -12,7 +12,7 @@ import torch
 
 from optjob.errors import InputError
 from optjob.storage.inputs import check_model_dir, load_pickle_weights, safe_relative_path
-from tests.s3server import write_tiny_model
+from tests.support.s3server import write_tiny_model
 
 
 @pytest.fixture

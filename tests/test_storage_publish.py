@@ -14,7 +14,7 @@ from optjob.runtime.cancel import CancelToken
 from optjob.runtime.events import Event, EventSink
 from optjob.storage.publish import get_json, publish_file, publish_model, put_json, read_manifest
 from optjob.storage.s3 import MiB, S3Settings, make_client
-from tests.s3server import S3Bucket, write_tiny_model
+from tests.support.s3server import S3Bucket, write_tiny_model
 
 JOB = {"job_name": "opt-1", "job_arn": "arn:aws:sagemaker:us-east-1:123456789012:optimization-job/opt-1"}
 SMALL_PARTS = S3Settings(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, max_concurrency=4)

@@ -21,8 +21,8 @@ import botocore.exceptions
 import pytest
 
 from optjob.testing.local_s3 import S3Server, run_weed_mini
-from tests.server_process import SECRET_KEY as SERVER_SECRET
-from tests.server_process import Server, running_server, wait_terminal
+from tests.support.server_process import SECRET_KEY as SERVER_SECRET
+from tests.support.server_process import Server, running_server, wait_terminal
 
 ACCOUNT_A, ACCOUNT_B = "111111111111", "222222222222"
 KEYS = {  # principal -> (access key id, secret): the callers of optjob

@@ -1,6 +1,6 @@
 """The rules behind multi-tenancy, one at a time: key files, accounts, roles, limits, old databases, worker env."""
 
-# Fixtures are imported from tests.test_jobs_support, so their parameters shadow the imports.
+# Fixtures are imported from tests.support.jobs, so their parameters shadow the imports.
 # ruff: noqa: F811
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from optjob.jobs.tenancy import AccessDenied, Caller
 from optjob.secret_files import SecretFileError
 from optjob.settings import Settings, load_settings
 from optjob.storage.credentials import job_credentials, roles_in_file
-from tests.test_jobs_support import home, make_request, service, settings  # noqa: F401
+from tests.support.jobs import home, make_request, service, settings  # noqa: F401
 
 A = Caller("111111111111", "us-east-1", "team-a")
 B = Caller("222222222222", "us-east-1", "team-b")

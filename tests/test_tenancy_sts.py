@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from optjob.testing.local_s3 import S3Server, run_weed_mini
-from tests.server_process import Server, running_server, wait_terminal
+from tests.support.server_process import Server, running_server, wait_terminal
 from tests.test_tenancy import EXAMPLE, keys
 
 ACCOUNT = "111111111111"

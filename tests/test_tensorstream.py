@@ -28,7 +28,7 @@ from optjob.storage.tensorstream.header import build_header, parse_header
 from optjob.storage.tensorstream.multipart import MultipartObjectWriter, UploadWindow
 from optjob.storage.tensorstream.reader import ReadAhead, RemoteShard
 from optjob.storage.tensorstream.writer import PlannedShardWriter
-from tests.s3server import S3Bucket
+from tests.support.s3server import S3Bucket
 
 MiB = 1 << 20
 

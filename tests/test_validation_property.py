@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from optjob.api.errors import ApiError, parse
 from optjob.api.shapes import OPERATIONS
-from tests.botocore_model import operation_shapes, oracle_valid, shape
+from tests.support.botocore_model import operation_shapes, oracle_valid, shape
 
 # Patterns hypothesis cannot generate from directly (Unicode property classes, look-ahead), mapped
 # to a regex that generates a subset of the same language.

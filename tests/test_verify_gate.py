@@ -17,7 +17,7 @@ from optjob.techniques.quantize.params import parse_params
 from optjob.testing import build_tiny_llama
 from optjob.verify.gate import evaluate, judge, run_gate, thresholds_for
 from optjob.verify.tensors import compare_checkpoints
-from tests.stage_support import bnb_saving_scrambled
+from tests.support.stages import bnb_saving_scrambled
 
 
 class _Config(BaseModel):

@@ -20,7 +20,7 @@ from optjob.verify.e2e import (
     verification_inputs,
 )
 from optjob.verify.gate import thresholds_config
-from tests.stage_support import run_quantization_stage
+from tests.support.stages import run_quantization_stage
 
 SUPPORTED = ["llama"]
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from optjob.verify import serve
-from tests.s3server import S3Server
+from tests.support.s3server import S3Server
 
 pytestmark = pytest.mark.slow
 

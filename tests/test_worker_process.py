@@ -23,7 +23,7 @@ import pytest
 from optjob.api.shapes import DescribeOptimizationJobResponse
 from optjob.pipeline.stage import registered
 from optjob.storage.layout import MANIFEST_NAME, STATUS_NAME
-from tests.s3server import S3Bucket
+from tests.support.s3server import S3Bucket
 from workers import exitcodes
 from workers.status import EXTENSION
 

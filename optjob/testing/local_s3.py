@@ -3,7 +3,7 @@
 The quick start, the benchmarks and the test suite all talk HTTP to a real object store on
 loopback, never an in-process mock; start-up takes about a second. ``run_weed_mini()`` starts one
 with its own data directory and stops it (deleting the data) on exit; the pytest fixtures around
-it live in ``tests/s3server.py``.
+it live in ``tests/support/s3server.py``.
 
 Why the flags: ``weed mini`` defaults to the host's public address, binds 0.0.0.0, reports
 telemetry to an external URL and opens WebDAV, admin, Iceberg and Lance listeners; we bind

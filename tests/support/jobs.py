@@ -38,7 +38,7 @@ from optjob.runtime.cancel import CancelToken
 from optjob.runtime.events import EventSink
 from optjob.settings import Settings, load_settings
 
-PIPELINE = "tests.test_jobs_support"
+PIPELINE = "tests.support.jobs"
 TEST_IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/test-image:1"
 
 
@@ -157,7 +157,7 @@ def kill_leftovers(settings: Settings) -> None:
 
 
 def use_pipeline(monkeypatch: pytest.MonkeyPatch, name: str, **env: str) -> None:
-    """Make workers started from now on run ``tests.test_jobs_support:<name>``."""
+    """Make workers started from now on run ``tests.support.jobs:<name>``."""
     monkeypatch.setenv("OPTJOB_PIPELINE", f"{PIPELINE}:{name}")
     for key, value in env.items():
         monkeypatch.setenv(key, value)
