@@ -175,9 +175,10 @@ def run_plan(
             claimed = staging.publisher if staging is not None else None
             outcome.source_bytes = source.fetched.total_bytes
             outcome.bytes_downloaded = source.fetched.bytes_downloaded
-            outcome.output_bytes = sum(path.stat().st_size for path in final_dir.rglob("*") if path.is_file())
-            outcome.published = publish_output(plan, final_dir, manifest, settings=storage, events=events,
-                                               cancel=cancel, publisher=claimed)  # fmt: skip
+            published = publish_output(plan, final_dir, manifest, settings=storage, events=events, cancel=cancel,
+                                       publisher=claimed)  # fmt: skip
+            outcome.published = [file.path for file in published.files]
+            outcome.output_bytes = published.total_bytes
         except BaseException:
             if staging is not None:
                 staging.publisher.rollback()

@@ -19,7 +19,7 @@ from optjob.runtime.cancel import CancelToken
 from optjob.runtime.events import NULL_SINK, EventSink
 from optjob.storage.eula import model_card_gating
 from optjob.storage.inputs import check_model_dir, dropped_warning
-from optjob.storage.publish import Publisher, publish_model
+from optjob.storage.publish import Publisher, PublishResult, publish_model
 from optjob.storage.s3 import S3Settings
 from optjob.storage.source import FetchedModel, fetch_model
 
@@ -96,14 +96,14 @@ def publish_output(
     events: EventSink = NULL_SINK,
     cancel: CancelToken | None = None,
     publisher: Publisher | None = None,
-) -> list[str]:
-    """Upload the verified model directory, manifest last; returns the published relative paths.
+) -> PublishResult:
+    """Upload the verified model directory, manifest last; returns what was published (files, sizes).
 
     ``publisher``: one that claimed the prefix when the job started (a job of several stages); the
     caller rolls it back on failure."""
     if publisher is not None:
-        return [file.path for file in publisher.commit(final_dir, manifest).files]
-    result = publish_model(
+        return publisher.commit(final_dir, manifest)
+    return publish_model(
         final_dir,
         plan.output.s3_uri,
         manifest=manifest,
@@ -112,4 +112,3 @@ def publish_output(
         events=events,
         cancel=cancel,
     )
-    return [file.path for file in result.files]
