@@ -21,7 +21,6 @@ NO_AUTH_ENV = "OPTJOB_NO_AUTH"
 def make_app() -> Starlette:
     from optjob.jobs.daemon import executor_pid
     from optjob.jobs.service import JobService
-    from optjob.jobs.store import Store
     from optjob.jobs.tenancy import Caller, home_caller
 
     settings = load_settings()
@@ -35,10 +34,8 @@ def make_app() -> Starlette:
     audit_path = os.environ.get(AUDIT_LOG_ENV)
     home = home_caller(settings)
 
-    def executor_alive() -> bool | None:
-        if executor_pid(settings) is not None:
-            return True
-        return False if Store(settings.db_path).active() else None
+    def executor_running() -> bool:
+        return executor_pid(settings) is not None
 
     return create_app(
         JobService,
@@ -46,5 +43,5 @@ def make_app() -> Starlette:
         audit=AuditLog(Path(audit_path)) if audit_path else None,
         anonymous=Caller(home.account_id, home.region, "anonymous") if no_auth else None,
         home_region=home.region,
-        executor_alive=executor_alive,
+        executor_running=executor_running,
     )

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from optjob.api.shapes import OPERATIONS
 from optjob.console.config import observability_config
 from optjob.jobs.figures import gate_passed, phase_timings
-from optjob.jobs.store import ACTIVE_STATUSES, Store
+from optjob.jobs.store import Store
 
 _TARGET_PREFIX = "SageMaker."
 
@@ -105,7 +105,7 @@ class JobsCollector(Collector):
         for result, count in gate.items():
             checks.add_metric([result], count)
         yield checks
-        active = [record for record in store.active() if record.status in ACTIVE_STATUSES]
+        active = store.active()
         slots = GaugeMetricFamily(
             "optjob_executor_slots", "Executor slots: jobs running now, and the total", labels=["state"]
         )
@@ -160,12 +160,12 @@ def _operation(scope: Scope) -> str:
 
 
 def observability(
-    service: Callable[[], Any], *, executor_alive: Callable[[], bool | None]
+    service: Callable[[], Any], *, executor_running: Callable[[], bool]
 ) -> tuple[list[BaseRoute], Middleware]:
     """The three routes and the middleware that times every request, sharing one registry.
 
-    ``executor_alive``: True when an executor holds this data directory's lock, False when none does
-    although jobs wait, None when none does and nothing waits (one starts on the next Create)."""
+    ``executor_running``: whether an executor holds this data directory's lock. When none does, the
+    server is still ready if no job waits (one starts on the next Create)."""
     registry = CollectorRegistry(auto_describe=True)
     latency = Histogram(
         "optjob_api_request_seconds", "API request latency by operation and HTTP status",
@@ -192,9 +192,13 @@ def observability(
             checks["store"] = "ok"
         except Exception as exc:  # noqa: BLE001 - any failure to read the store means not ready
             checks["store"] = f"unreachable: {type(exc).__name__}: {exc}"
-        alive = executor_alive()
-        checks["executor"] = {True: "running", None: "idle (starts on the next Create)", False: "not running"}[alive]
-        good = checks["store"] == "ok" and alive is not False
+        if executor_running():
+            checks["executor"] = "running"
+        elif checks["store"] == "ok" and not service().store.active():
+            checks["executor"] = "idle (starts on the next Create)"
+        else:
+            checks["executor"] = "not running"
+        good = checks["store"] == "ok" and checks["executor"] != "not running"
         return (200 if good else 503), {"ready": good, "checks": checks}
 
     async def readyz(request: Request) -> Response:

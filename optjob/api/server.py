@@ -72,13 +72,13 @@ def create_app(
     anonymous: Caller | None = None,
     *,
     home_region: str = "us-east-1",
-    executor_alive: Callable[[], bool | None] | None = None,
+    executor_running: Callable[[], bool] | None = None,
 ) -> Starlette:
     """The ASGI app. ``principals`` maps access key ids to callers; ``None`` disables authentication
     and every request is ``anonymous`` (None: the service's home caller).
 
     Beside the API at ``POST /``: the web console under ``/console/`` (``home_region``: the sign-in
-    form's default) and ``/metrics``, ``/healthz``, ``/readyz`` (``executor_alive``: see
+    form's default) and ``/metrics``, ``/healthz``, ``/readyz`` (``executor_running``: see
     ``optjob.api.observability``)."""
     service_holder: list[Service] = []
     secrets = {key: p.secret_access_key for key, p in (principals or {}).items()}
@@ -136,7 +136,7 @@ def create_app(
             if audit is not None:
                 _audit(audit, request, operation or target, outcome, request_id, caller, data)
 
-    routes, timing = observability(service, executor_alive=executor_alive or (lambda: None))
+    routes, timing = observability(service, executor_running=executor_running or (lambda: False))
     routes += console_routes(service, principals, anonymous=anonymous, home_region=home_region)
     return Starlette(routes=[Route("/", endpoint, methods=["POST"]), *routes], middleware=[timing])
 
