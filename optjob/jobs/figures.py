@@ -70,12 +70,9 @@ def stage_figures(metrics: Mapping[str, Any]) -> tuple[list[Figure], dict[str, d
         for key in _VERIFICATION_KEYS:
             if key in values:
                 _flatten(stage, key, values[key], figures, checked=True)
-        for key in ("phases", "phases_s"):
-            if key in values:
-                phases[stage] = _numbers(values[key])
-        streaming = values.get("streaming")
-        if isinstance(streaming, Mapping) and "phases_s" in streaming:
-            phases[f"{stage} (inside the stream)"] = _numbers(streaming["phases_s"])
+        for inside_stream, timings in _phase_sources(values):
+            label = f"{stage} (inside the stream)" if inside_stream else stage
+            phases[label] = {**phases.get(label, {}), **timings}
         for key in ("acceptance", "floor"):
             per_position = (
                 values.get(key, {}).get("per_position_acceptance") if isinstance(values.get(key), Mapping) else None
@@ -95,12 +92,18 @@ def phase_timings(metrics: Mapping[str, Any]) -> list[tuple[str, str, float]]:
         if not isinstance(values, Mapping):
             continue
         kind = stage.split(":", 1)[-1]
-        streaming = values.get("streaming")
-        sources = [values.get("phases"), values.get("phases_s")]
-        sources.append(streaming.get("phases_s") if isinstance(streaming, Mapping) else None)
-        for source in sources:
-            timings.extend((kind, phase, seconds) for phase, seconds in _numbers(source).items())
+        for _, source in _phase_sources(values):
+            timings.extend((kind, phase, seconds) for phase, seconds in source.items())
     return timings
+
+
+def _phase_sources(values: Mapping[str, Any]) -> list[tuple[bool, dict[str, float]]]:
+    """A stage's phase timings, each marked whether it is the stream's own: its ``phases``/``phases_s``
+    and, for a streamed stage, ``streaming.phases_s``."""
+    streaming = values.get("streaming")
+    sources = [(False, values.get("phases")), (False, values.get("phases_s"))]
+    sources.append((True, streaming.get("phases_s") if isinstance(streaming, Mapping) else None))
+    return [(inside, _numbers(source)) for inside, source in sources if source is not None]
 
 
 def gate_passed(metrics: Mapping[str, Any]) -> bool | None:
